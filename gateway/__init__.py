@@ -1,0 +1,5 @@
+"""vllm-gateway: an on-demand, multi-model OpenAI-compatible gateway for vLLM."""
+from gateway.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+__all__ = ["hookimpl", "__version__"]

@@ -1,0 +1,113 @@
+"""The app factory: ``create_app(settings) -> Sanic``.
+
+Everything with a lifetime (plugin manager, fleet, pools, sweeper, tracer) is built
+here or in the server listeners and hangs off ``app.ctx``; nothing is global, so
+tests can build as many gateways as they like.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Iterable
+
+from sanic import Sanic
+from sanic.exceptions import MethodNotAllowed, NotFound, PayloadTooLarge, SanicException
+
+from gateway.config import Settings
+from gateway.drivers import check_models, collect_drivers
+from gateway.errors import error_response
+from gateway.fleet import Fleet
+from gateway.metrics import GatewayMetrics
+from gateway.plugins import HookRunner, build_plugin_manager
+from gateway.proxy import Gateway
+from gateway.routes.admin import admin
+from gateway.routes.openai import openai_api
+from gateway.tracing import Tracing
+
+log = logging.getLogger("vllm_gateway")
+_app_ids = itertools.count()
+# Sanic's RESPONSE_TIMEOUT counts from arrival to the first byte; a queued request or
+# one waiting for a cold start must not be killed by it, so the gateway's own
+# timeouts (queue, start, load, upstream) are the only ones that apply.
+NO_SANIC_TIMEOUT_S = 10 * 86_400
+
+
+def build_gateway(settings: Settings, extra_plugins: Iterable[tuple[str, object]] = (),
+                  span_exporter: Any = None, source: str = "config") -> Gateway:
+    """Plugins, drivers, fleet and metrics, validated; raises ConfigError or PluginError."""
+    import importlib
+
+    modules = [(name, importlib.import_module(name)) for name in settings.plugins.modules]
+    pm = build_plugin_manager(settings.plugins.disabled, settings.plugins.load_entrypoints,
+                              list(modules) + list(extra_plugins))
+    drivers = collect_drivers(pm)
+    check_models(settings, drivers, source)
+    metrics = GatewayMetrics()
+
+    def observe(hook: str, plugin: str, seconds: float, error: BaseException | None) -> None:
+        metrics.plugin_duration.labels(hook, plugin).observe(seconds)
+        if error is not None:
+            metrics.plugin_errors.labels(hook, plugin).inc()
+
+    hooks = HookRunner(pm, observe)
+    fleet = Fleet(settings, hooks, drivers, metrics)
+    metrics.attach_state(fleet.gauges, fleet.total_vram_mib)
+    tracing = Tracing(settings.tracing.otlp_endpoint, settings.tracing.service_name, span_exporter)
+    return Gateway(settings, hooks, fleet, metrics, tracing)
+
+
+def create_app(settings: Settings, extra_plugins: Iterable[tuple[str, object]] = (),
+               span_exporter: Any = None, source: str = "config") -> Sanic:
+    gw = build_gateway(settings, extra_plugins, span_exporter, source)
+    app = Sanic(f"vllm_gateway_{next(_app_ids)}")
+    app.config.RESPONSE_TIMEOUT = NO_SANIC_TIMEOUT_S
+    app.config.REQUEST_MAX_SIZE = settings.limits.max_request_bytes
+    app.config.KEEP_ALIVE_TIMEOUT = 75
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 5
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.ctx.gateway = gw
+    app.blueprint(openai_api)
+    app.blueprint(admin)
+    _add_error_handlers(app, gw)
+
+    @app.before_server_start
+    async def _start(app: Sanic) -> None:
+        await gw.fleet.startup()
+        await gw.hooks.each("startup", gateway=gw)
+
+    @app.after_server_stop
+    async def _stop(app: Sanic) -> None:
+        await gw.hooks.each("shutdown", gateway=gw, isolate=True)
+        await gw.fleet.shutdown()
+        gw.tracing.shutdown()
+
+    return app
+
+
+def _add_error_handlers(app: Sanic, gw: Gateway) -> None:
+    @app.exception(PayloadTooLarge)
+    async def _too_large(request, exc):
+        gw.metrics.rejections.labels("", "too_large").inc()
+        return error_response(413, f"request body exceeds {gw.settings.limits.max_request_bytes} "
+                              "bytes (limits.max_request_bytes)", "request_too_large")
+
+    @app.exception(NotFound)
+    async def _not_found(request, exc):
+        return error_response(404, f"no route for {request.method} {request.path}", "not_found")
+
+    @app.exception(MethodNotAllowed)
+    async def _method(request, exc):
+        return error_response(405, f"method {request.method} not allowed on {request.path}",
+                              "method_not_allowed")
+
+    @app.exception(SanicException)
+    async def _sanic(request, exc):
+        status = getattr(exc, "status_code", 500) or 500
+        return error_response(status, str(exc) or "request failed", "bad_request"
+                              if status < 500 else "internal_error")
+
+    @app.exception(Exception)
+    async def _unexpected(request, exc):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, f"internal gateway error: {type(exc).__name__}",
+                              "internal_error")

@@ -1,0 +1,289 @@
+"""The fleet: every model runtime, and the one place that starts and stops servers.
+
+It owns placement (what fits in GPU memory, what to evict, how many models run),
+the idle/crash sweeper, and shutdown. Policies are hooks; the fleet applies them
+and enforces the invariants: never stop a busy or pinned model, one transition per
+model at a time, a failed start leaves no server behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Iterable
+
+import httpx
+
+from gateway.config import Settings
+from gateway.lifecycle import ModelRuntime, StartFailed
+from gateway.metrics import GatewayMetrics, ModelGauges
+from gateway.plugins import HookRunner
+from gateway.types import BackendDriver, EvictionRequest
+from gateway.vram import FootprintStore
+
+log = logging.getLogger("vllm_gateway.fleet")
+SWEEP_INTERVAL_S = 1.0
+CRASH_CHECK_EVERY = 2  # sweeps
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Fleet:
+    def __init__(self, settings: Settings, hooks: HookRunner, drivers: dict[str, BackendDriver],
+                 metrics: GatewayMetrics) -> None:
+        self.settings = settings
+        self.hooks = hooks
+        self.metrics = metrics
+        self.runtimes = {m.name: ModelRuntime(m, settings, drivers[m.backend])
+                         for m in settings.models}
+        self.footprints = FootprintStore(settings.gpu.footprints_file)
+        self._placement = asyncio.Lock()
+        self._health_client: httpx.AsyncClient | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # --- start-up and shutdown -------------------------------------------------------
+
+    async def startup(self) -> None:
+        self._health_client = httpx.AsyncClient(timeout=5.0)
+        for rt in self.runtimes.values():
+            if not rt.manages_lifecycle:
+                server = await rt.driver.start(rt.cfg, 0)
+                rt.mark_ready(server, 0.0)
+                continue
+            adopted = await rt.driver.adopt(rt.cfg)
+            if adopted is not None:
+                rt.vram_mib = self.footprint(rt)
+                rt.mark_ready(adopted, 0.0)
+                self.metrics.backend_starts.labels(rt.name, "adopted").inc()
+                log.info("adopted running server for %s at %s", rt.name, adopted.url)
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="fleet-sweeper")
+
+    async def shutdown(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for rt in self.runtimes.values():
+            if rt.transition is not None:
+                rt.transition.cancel()
+                await asyncio.gather(rt.transition, return_exceptions=True)
+        stops = [self.stop_model(rt, "shutdown") for rt in self.runtimes.values()
+                 if rt.state != "stopped" and self._stops_on_shutdown(rt)]
+        await asyncio.gather(*stops, return_exceptions=True)
+        if self._health_client:
+            await self._health_client.aclose()
+
+    @staticmethod
+    def _stops_on_shutdown(rt: ModelRuntime) -> bool:
+        return bool(getattr(rt.driver, "stop_on_shutdown", True)) or not rt.manages_lifecycle
+
+    # --- snapshots --------------------------------------------------------------------
+
+    def get(self, name: str) -> ModelRuntime | None:
+        return self.runtimes.get(name)
+
+    def gauges(self) -> Iterable[ModelGauges]:
+        return [rt.gauges() for rt in self.runtimes.values()]
+
+    def total_vram_mib(self) -> int | None:
+        if self.settings.gpu.total_vram_mib:
+            return self.settings.gpu.total_vram_mib
+        reading = self.hooks.first("read_vram")
+        return reading.total_mib if reading else None
+
+    def used_vram_mib(self) -> int | None:
+        reading = self.hooks.first("read_vram")
+        return reading.used_mib if reading else None
+
+    def footprint(self, rt: ModelRuntime) -> int:
+        """Configured, else learned, else estimated; 0 when there is no GPU budget at all."""
+        if rt.cfg.vram_mib:
+            return rt.cfg.vram_mib
+        if self.total_vram_mib() is None:
+            return 0
+        return self.footprints.get(rt.name) or self.settings.gpu.estimate_mib
+
+    def loaded(self, exclude: ModelRuntime | None = None) -> list[ModelRuntime]:
+        return [rt for rt in self.runtimes.values()
+                if rt is not exclude and rt.manages_lifecycle and rt.state in ("starting", "ready")]
+
+    # --- starting ---------------------------------------------------------------------
+
+    async def start(self, rt: ModelRuntime) -> None:
+        """The start transition: make room, launch, wait healthy, learn the footprint."""
+        started = time.monotonic()
+        rt.mark_starting()
+        rt.vram_mib = self.footprint(rt)
+        server = None
+        try:
+            async with self._placement:
+                await self._make_room(rt)
+                used_before = self.used_vram_mib()
+                server = await rt.driver.start(rt.cfg, free_port())
+                up = self.settings.upstream
+                assert self._health_client is not None
+                await rt.wait_healthy(server, self.settings.start_timeout(rt.cfg),
+                                      up.health_interval_s, self._health_client)
+                self._learn_footprint(rt, used_before)
+            rt.mark_ready(server, time.monotonic() - started)
+            self.metrics.backend_starts.labels(rt.name, "success").inc()
+            self.metrics.start_duration.labels(rt.name).observe(time.monotonic() - started)
+            log.info("model %s ready in %.1fs at %s", rt.name, time.monotonic() - started, server.url)
+        except BaseException as exc:
+            message = str(exc) if isinstance(exc, StartFailed) else (
+                f"model {rt.name!r}: start failed: {type(exc).__name__}: {exc}")
+            if server is not None:
+                await asyncio.shield(self._stop_server(rt, server))
+                self.metrics.backend_stops.labels(rt.name, "failed_start").inc()
+            rt.mark_stopped(message)
+            self.metrics.backend_starts.labels(rt.name, "failure").inc()
+            log.error("%s", message)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise StartFailed(message) from None
+        finally:
+            rt.transition = None
+
+    def _learn_footprint(self, rt: ModelRuntime, used_before: int | None) -> None:
+        if rt.cfg.vram_mib or used_before is None:
+            return
+        used_after = self.used_vram_mib()
+        if used_after is not None and used_after > used_before:
+            rt.vram_mib = used_after - used_before
+            self.footprints.learn(rt.name, rt.vram_mib)
+
+    def _eviction_request(self, rt: ModelRuntime) -> EvictionRequest:
+        loaded = self.loaded(exclude=rt)
+        return EvictionRequest(
+            target=rt.view(), loaded=tuple(m.view() for m in loaded),
+            total_vram_mib=self.total_vram_mib() or 0,
+            reserved_vram_mib=sum(m.vram_mib for m in loaded),
+            max_models_running=self.settings.max_models_running,
+            min_residency_s=self.settings.gpu.min_residency_s, now=time.monotonic())
+
+    @staticmethod
+    def _shortfall(req: EvictionRequest) -> str | None:
+        """Why the target does not fit now ("vram" / "max_models"), or None if it does."""
+        if req.total_vram_mib and req.reserved_vram_mib + req.target.vram_mib > req.total_vram_mib:
+            return "vram"
+        if req.max_models_running is not None and len(req.loaded) + 1 > req.max_models_running:
+            return "max_models"
+        return None
+
+    async def _make_room(self, rt: ModelRuntime) -> None:
+        """Evict until ``rt`` fits; wait (bounded) while every candidate is busy."""
+        total = self.total_vram_mib()
+        if total and rt.vram_mib > total:
+            raise StartFailed(f"model {rt.name!r} needs {rt.vram_mib} MiB but the GPU budget is "
+                              f"{total} MiB (gpu.total_vram_mib / vram_mib)")
+        deadline = time.monotonic() + self.settings.gpu.load_timeout_s
+        while True:
+            req = self._eviction_request(rt)
+            reason = self._shortfall(req)
+            if reason is None:
+                return
+            victims = self._valid_victims(self.hooks.first("select_evictions", request=req) or ())
+            if victims:
+                freed = sum(v.vram_mib for v in victims)
+                used_before = self.used_vram_mib()
+                for victim in victims:
+                    self.metrics.evictions.labels(victim.name, reason).inc()
+                    await self.stop_model(victim, "eviction")
+                await self._wait_released(used_before, freed)
+                continue
+            if time.monotonic() >= deadline:
+                raise StartFailed(f"model {rt.name!r}: no room after {self.settings.gpu.load_timeout_s:g}s "
+                                  f"({reason}); loaded models are busy or pinned")
+            await asyncio.sleep(0.2)
+
+    def _valid_victims(self, names: Iterable[str]) -> list[ModelRuntime]:
+        """The core's guard on any policy: only idle, unpinned, ready models are stopped."""
+        found = (self.runtimes.get(name) for name in names)
+        return [rt for rt in found if rt is not None and not rt.cfg.pinned and self.may_stop(rt)]
+
+    async def _wait_released(self, used_before: int | None, freed_mib: int) -> None:
+        """Drivers lag: wait until NVML shows the victims' memory gone (bounded)."""
+        if used_before is None or freed_mib <= 0:
+            return
+        deadline = time.monotonic() + self.settings.gpu.release_timeout_s
+        target = used_before - int(freed_mib * 0.9)
+        while time.monotonic() < deadline:
+            used = self.used_vram_mib()
+            if used is None or used <= target:
+                return
+            await asyncio.sleep(0.25)
+        log.warning("GPU memory not released after %.0fs (used %s MiB, expected <= %s)",
+                    self.settings.gpu.release_timeout_s, self.used_vram_mib(), target)
+
+    # --- stopping ---------------------------------------------------------------------
+
+    async def _stop_now(self, rt: ModelRuntime, reason: str) -> None:
+        """The stop transition; callers have checked the model may stop."""
+        server = rt.server
+        pool = rt.mark_stopping()
+        try:
+            if pool is not None:
+                await pool.aclose()
+            if server is not None and rt.manages_lifecycle:
+                await self._stop_server(rt, server)
+        finally:
+            rt.mark_stopped()
+            self.metrics.backend_stops.labels(rt.name, reason).inc()
+            log.info("model %s stopped (%s)", rt.name, reason)
+
+    async def _stop_server(self, rt: ModelRuntime, server) -> None:
+        try:
+            await rt.driver.stop(rt.cfg, server)
+        except Exception as exc:  # a stop that fails must not wedge the fleet
+            log.error("stopping %s failed: %s", rt.name, exc)
+
+    async def stop_model(self, rt: ModelRuntime, reason: str) -> None:
+        """Run a stop as the model's transition, so requests arriving meanwhile wait for
+        it and then start the model afresh instead of racing it."""
+        if rt.transition is not None or rt.state == "stopped":
+            return
+
+        async def transition() -> None:
+            try:
+                await self._stop_now(rt, reason)
+            finally:
+                rt.transition = None
+
+        rt.transition = asyncio.create_task(transition(), name=f"stop:{rt.name}")
+        await asyncio.shield(rt.transition)
+
+    def may_stop(self, rt: ModelRuntime) -> bool:
+        return (rt.state == "ready" and rt.manages_lifecycle and not rt.admission.busy
+                and rt.transition is None)
+
+    async def mark_crashed(self, rt: ModelRuntime) -> None:
+        """A ready model's server is gone: drop it so the next request restarts it."""
+        if rt.state == "ready" and rt.transition is None:
+            log.warning("model %s: server is no longer running", rt.name)
+            rt.last_error = "server exited unexpectedly"
+            await self.stop_model(rt, "crash")
+
+    async def _sweep_forever(self) -> None:
+        sweeps = 0
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            sweeps += 1
+            try:
+                await self._sweep(check_crashes=sweeps % CRASH_CHECK_EVERY == 0)
+            except Exception:  # keep sweeping; one bad model must not stop idle stops
+                log.exception("sweeper error")
+
+    async def _sweep(self, check_crashes: bool) -> None:
+        now = time.monotonic()
+        for rt in list(self.runtimes.values()):
+            if rt.state != "ready" or not rt.manages_lifecycle:
+                continue
+            idle_s = self.settings.idle_timeout(rt.cfg)
+            if idle_s > 0 and self.may_stop(rt) and now - rt.admission.last_used >= idle_s:
+                await self.stop_model(rt, "idle")
+            elif check_crashes and rt.server and not await rt.driver.is_running(rt.cfg, rt.server):
+                await self.mark_crashed(rt)

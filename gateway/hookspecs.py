@@ -1,0 +1,115 @@
+"""The plugin contract: every seam of the gateway, one function each.
+
+pluggy calls hooks synchronously. So decision hooks (``select_backend``,
+``select_evictions``, ``decide_retry``, ``read_vram``) are sync, pure over the
+snapshot they get, and ``firstresult``: the first non-None answer wins and built-in
+defaults are ``trylast``. Hooks that may do I/O (``admit_request``, ``startup``,
+``shutdown``) are collect-all and the core awaits every awaitable result. The plugin
+manager refuses an ``async def`` implementation of a sync-only hook at start-up.
+"""
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from gateway.types import (EvictionRequest, ModelView, Register, Rejection, RequestInfo,
+                               RetryDecision, RetrySettings, UpstreamOutcome, VramReading)
+
+PROJECT = "vllm_gateway"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --- Registration: once, while the gateway is built. Sync, collect-all. ---
+
+@hookspec
+def register_backends(register: Register) -> None:
+    """Register backend drivers: ``register("docker", DockerDriver())``.
+
+    A model's ``backend:`` key names one of them. Registering a name twice is an
+    error unless the later plugin overrides on purpose (it replaces the earlier one).
+    Collect-all; sync only.
+    """
+
+
+# --- Lifecycle: may return an awaitable; the core awaits each. ---
+
+@hookspec
+def startup(gateway: Any) -> Awaitable[None] | None:
+    """Called once the gateway's models and pools exist, before it serves traffic.
+
+    Raise to abort start-up. Collect-all; may return an awaitable.
+    """
+
+
+@hookspec
+def shutdown(gateway: Any) -> Awaitable[None] | None:
+    """Called when the gateway stops, before model servers are stopped.
+
+    Errors are logged and never stop other plugins. Collect-all; may return an awaitable.
+    """
+
+
+# --- Admission: may return an awaitable. ---
+
+@hookspec
+def admit_request(request: RequestInfo, model: ModelView) -> Rejection | None | Awaitable[Rejection | None]:
+    """Accept (return None) or refuse (return a Rejection) a request before it queues.
+
+    Every implementation runs; the first Rejection in call order is used.
+    Collect-all; may return an awaitable.
+    """
+
+
+# --- Decisions: sync only, pure over their arguments, no I/O. ---
+
+@hookspec(firstresult=True)
+def select_backend(request: RequestInfo, model: ModelView, candidates: Sequence[str],
+                   in_flight: dict[str, int]) -> str | None:
+    """Pick which of a model's server URLs serves this request.
+
+    ``in_flight`` maps each candidate URL to its current requests. Return one of
+    ``candidates`` (anything else is ignored) or None for no opinion. Built-in
+    (trylast): least in-flight, first on ties. Stops at first non-None; sync only.
+    """
+
+
+@hookspec(firstresult=True)
+def select_evictions(request: EvictionRequest) -> Sequence[str] | None:
+    """Name the loaded models to stop so ``request.target`` fits.
+
+    Return model names (the core stops them and never stops a busy or pinned model
+    even if named), an empty list for "nothing can be evicted now: wait", or None for
+    no opinion. Built-in (trylast): least-recently-used idle models past their
+    minimum residency, cheapest reload first among equally old ones.
+    Stops at first non-None; sync only.
+    """
+
+
+@hookspec(firstresult=True)
+def decide_retry(outcome: UpstreamOutcome, settings: RetrySettings) -> RetryDecision | None:
+    """Whether and after how long to retry a failed upstream attempt.
+
+    Only called before the first byte reached the client; the core caps attempts at
+    ``settings.retries + 1``. Built-in (trylast): exponential backoff on connect,
+    timeout and pool errors; HTTP errors are passed through, never retried.
+    Stops at first non-None; sync only.
+    """
+
+
+@hookspec(firstresult=True)
+def read_vram() -> VramReading | None:
+    """Report GPU memory (total and used, MiB) summed over the gateway's devices.
+
+    Built-in (trylast): NVML, or None when no driver is present (the configured
+    ``gpu.total_vram_mib`` is then used). Tests and GPU-less hosts supply it here.
+    Stops at first non-None; sync only, must be fast.
+    """
+
+
+SYNC_ONLY_HOOKS = ("register_backends", "select_backend", "select_evictions", "decide_retry",
+                   "read_vram")
+ASYNC_CAPABLE_HOOKS = ("startup", "shutdown", "admit_request")

@@ -1,0 +1,147 @@
+"""One model's runtime: its admission queue, its server, its pool, its state.
+
+``ModelRuntime`` owns everything about one model. State changes happen only here
+(``mark_*``) and only in synchronous code. Starting and stopping are orchestrated by
+the fleet (which owns placement); at most one such transition runs per model, and
+every request that needs the model awaits that same transition.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from gateway.admission import ModelAdmission
+from gateway.config import ModelConfig, Settings
+from gateway.metrics import ModelGauges
+from gateway.types import BackendDriver, ModelState, ModelView, RunningServer
+from gateway.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from gateway.fleet import Fleet
+
+
+class StartFailed(Exception):
+    """A model could not be made ready; the message is safe to show clients."""
+
+
+class ModelRuntime:
+    def __init__(self, cfg: ModelConfig, settings: Settings, driver: BackendDriver) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.settings = settings
+        self.driver = driver
+        self.admission = ModelAdmission(cfg.name, settings.max_concurrent(cfg),
+                                        settings.max_queue(cfg), settings.limits.queue_timeout_s)
+        self.state: ModelState = "stopped"
+        self.server: RunningServer | None = None
+        self.pool: UpstreamPool | None = None
+        self.urls: tuple[str, ...] = ()
+        self.url_in_flight: dict[str, int] = {}
+        self.loaded_since = 0.0
+        self.reload_cost_s = 0.0
+        self.vram_mib = 0
+        self.last_error = ""
+        self.transition: asyncio.Task[None] | None = None
+        self.served_model_name = cfg.served_model_name
+
+    @property
+    def manages_lifecycle(self) -> bool:
+        return bool(getattr(self.driver, "manages_lifecycle", True))
+
+    async def ensure_ready(self, fleet: "Fleet") -> None:
+        """Return once the model serves; start it (once, shared) if needed."""
+        while self.state != "ready":
+            if self.transition is None:
+                self.transition = asyncio.create_task(fleet.start(self), name=f"start:{self.name}")
+            # shield: a client that gives up must not cancel the start others wait on
+            await asyncio.shield(self.transition)
+
+    def mark_starting(self) -> None:
+        self.state = "starting"
+        self.last_error = ""
+
+    def mark_ready(self, server: RunningServer, start_seconds: float) -> None:
+        self.server = server
+        self.urls = tuple(server.extra.get("urls") or [server.url])
+        self.url_in_flight = {u: 0 for u in self.urls}
+        up = self.settings.upstream
+        self.pool = UpstreamPool(self.admission.max_concurrent, up.connect_timeout_s, up.timeout_s)
+        self.loaded_since = time.monotonic()
+        self.reload_cost_s = start_seconds
+        self.state = "ready"
+
+    def mark_stopping(self) -> UpstreamPool | None:
+        """Enter ``stopping``; returns the pool for the caller to close."""
+        self.state = "stopping"
+        pool, self.pool = self.pool, None
+        return pool
+
+    def mark_stopped(self, error: str = "") -> None:
+        self.state = "stopped"
+        self.server = None
+        self.urls = ()
+        self.url_in_flight = {}
+        self.loaded_since = 0.0
+        if error:
+            self.last_error = error
+
+    async def wait_healthy(self, server: RunningServer, timeout_s: float, interval_s: float,
+                           client: httpx.AsyncClient) -> None:
+        """Poll GET /health, then GET /v1/models, until both answer 200."""
+        deadline = time.monotonic() + timeout_s
+        base = server.url.rstrip("/")
+        path = "/health"
+        while True:
+            if not await self.driver.is_running(self.cfg, server):
+                tail = await self.driver.logs_tail(self.cfg, server)
+                raise StartFailed(f"model {self.name!r}: server exited during start-up"
+                                  + (f"; last log lines:\n{tail}" if tail else ""))
+            try:
+                resp = await client.get(base + path, timeout=min(5.0, interval_s * 4 + 1))
+                if resp.status_code == 200:
+                    if path == "/v1/models":
+                        return
+                    path = "/v1/models"
+                    continue
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() >= deadline:
+                raise StartFailed(f"model {self.name!r}: not healthy after {timeout_s:g}s "
+                                  f"(start_timeout_s)")
+            await asyncio.sleep(interval_s)
+
+    def view(self) -> ModelView:
+        a = self.admission
+        return ModelView(name=self.name, backend=self.cfg.backend, state=self.state,
+                         waiting=a.waiting, in_flight=a.in_flight,
+                         max_concurrent=a.max_concurrent, max_queue=a.max_queue,
+                         last_used=a.last_used, loaded_since=self.loaded_since,
+                         vram_mib=self.vram_mib, pinned=self.cfg.pinned,
+                         reload_cost_s=self.reload_cost_s, urls=self.urls)
+
+    def gauges(self) -> ModelGauges:
+        a = self.admission
+        pool = self.pool
+        return ModelGauges(model=self.name, backend=self.cfg.backend, state=self.state,
+                           waiting=a.waiting, in_flight=a.in_flight,
+                           max_concurrent=a.max_concurrent, max_queue=a.max_queue,
+                           admitted_total=a.admitted_total, finished_total=a.finished_total,
+                           anomalies_total=a.anomalies_total,
+                           pool_size=pool.size if pool else 0,
+                           pool_in_use=pool.connections_in_use if pool else 0,
+                           vram_reserved_mib=self.vram_mib if self.state != "stopped" else 0)
+
+    def status(self) -> dict[str, Any]:
+        a = self.admission
+        last_used = (time.time() - (time.monotonic() - a.last_used)) if a.last_used else None
+        return {"state": self.state, "backend": self.cfg.backend, "queue_depth": a.waiting,
+                "in_flight": a.in_flight, "max_concurrent": a.max_concurrent,
+                "max_queue": a.max_queue, "last_used": last_used,
+                "idle_timeout_s": self.settings.idle_timeout(self.cfg),
+                "urls": list(self.urls), "vram_mib": self.vram_mib if self.state != "stopped" else 0,
+                "pinned": self.cfg.pinned, "last_error": self.last_error or None,
+                "admitted_total": a.admitted_total, "finished_total": a.finished_total,
+                "rejected_total": a.rejected_total, "drift": a.drift()}

@@ -1,0 +1,148 @@
+"""Every Prometheus series the gateway exports, defined in one place.
+
+Counters and histograms are updated on the request path. Gauges (queue depth, in
+flight, state, pool use, drift) are *read* from their owners at scrape time by a
+collector, so a gauge can never disagree with the state it describes.
+Label ``model`` only ever holds configured model names, or "" for requests that
+never named a valid model, so a client cannot create series.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+MIB = 1024 * 1024
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+                   60, 120, 300, 600)
+START_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
+MODEL_STATES = ("stopped", "starting", "ready", "stopping")
+
+
+@dataclass(frozen=True)
+class ModelGauges:
+    """One model's instantaneous values, produced by its owner at scrape time."""
+
+    model: str
+    backend: str
+    state: str
+    waiting: int
+    in_flight: int
+    max_concurrent: int
+    max_queue: int
+    admitted_total: int
+    finished_total: int
+    anomalies_total: int
+    pool_size: int
+    pool_in_use: int
+    vram_reserved_mib: int
+
+    @property
+    def drift(self) -> int:
+        return self.admitted_total - self.finished_total - self.waiting - self.in_flight
+
+
+class _StateCollector(Collector):
+    def __init__(self, rows: Callable[[], Iterable[ModelGauges]],
+                 vram_total_mib: Callable[[], int | None]):
+        self._rows = rows
+        self._vram_total = vram_total_mib
+
+    def collect(self):  # noqa: C901 - one family each, flat on purpose
+        rows = list(self._rows())
+        fam = {
+            "queue": GaugeMetricFamily("gateway_queue_depth", "Requests waiting for a slot.", labels=["model"]),
+            "inflight": GaugeMetricFamily("gateway_requests_in_flight", "Requests holding a concurrency slot.", labels=["model"]),
+            "maxc": GaugeMetricFamily("gateway_max_concurrent", "Configured concurrency limit.", labels=["model"]),
+            "maxq": GaugeMetricFamily("gateway_max_queue", "Configured queue bound.", labels=["model"]),
+            "drift": GaugeMetricFamily("gateway_admission_drift", "admitted - finished - waiting - in flight; must be 0.", labels=["model"]),
+            "state": GaugeMetricFamily("gateway_model_state", "1 for the model's current lifecycle state.", labels=["model", "backend", "state"]),
+            "psize": GaugeMetricFamily("gateway_upstream_pool_size", "Upstream connection pool size.", labels=["model"]),
+            "puse": GaugeMetricFamily("gateway_upstream_pool_in_use", "Upstream connections in use.", labels=["model"]),
+            "vram": GaugeMetricFamily("gateway_vram_reserved_bytes", "GPU memory reserved for a loaded model.", labels=["model"]),
+        }
+        admitted = _counter("gateway_admission_admitted", "Requests that entered a model's queue or slot.")
+        finished = _counter("gateway_admission_finished", "Requests that left a model's queue or slot.")
+        anomalies = _counter("gateway_admission_anomalies", "Negative or impossible admission counts observed.")
+        for r in rows:
+            m = [r.model]
+            fam["queue"].add_metric(m, r.waiting)
+            fam["inflight"].add_metric(m, r.in_flight)
+            fam["maxc"].add_metric(m, r.max_concurrent)
+            fam["maxq"].add_metric(m, r.max_queue)
+            fam["drift"].add_metric(m, r.drift)
+            for s in MODEL_STATES:
+                fam["state"].add_metric([r.model, r.backend, s], 1.0 if r.state == s else 0.0)
+            fam["psize"].add_metric(m, r.pool_size)
+            fam["puse"].add_metric(m, r.pool_in_use)
+            fam["vram"].add_metric(m, r.vram_reserved_mib * MIB)
+            admitted.add_metric(m, r.admitted_total)
+            finished.add_metric(m, r.finished_total)
+            anomalies.add_metric(m, r.anomalies_total)
+        yield from fam.values()
+        yield from (admitted, finished, anomalies)
+        total = self._vram_total()
+        if total is not None:
+            g = GaugeMetricFamily("gateway_vram_total_bytes", "GPU memory the gateway may use.")
+            g.add_metric([], total * MIB)
+            yield g
+
+
+def _counter(name: str, doc: str):
+    from prometheus_client.core import CounterMetricFamily
+    return CounterMetricFamily(name, doc, labels=["model"])
+
+
+class GatewayMetrics:
+    """The gateway's registry; one per app so tests can build many apps."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("gateway_requests", "Requests answered, by status code.",
+                                ["model", "endpoint", "code"], registry=r)
+        self.request_duration = Histogram("gateway_request_duration_seconds",
+                                          "Arrival to last byte.", ["model", "endpoint"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("gateway_queue_wait_seconds", "Time spent waiting for a slot.",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("gateway_time_to_first_token_seconds",
+                              "Arrival to first streamed byte sent to the client.", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_duration = Histogram("gateway_upstream_duration_seconds",
+                                           "One upstream attempt, send to last byte.", ["model"],
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.rejections = Counter("gateway_rejections", "Requests refused by the gateway.",
+                                  ["model", "reason"], registry=r)
+        self.retries = Counter("gateway_upstream_retries", "Upstream attempts retried.",
+                               ["model", "kind"], registry=r)
+        self.upstream_errors = Counter("gateway_upstream_errors", "Failed upstream attempts.",
+                                       ["model", "kind"], registry=r)
+        self.backend_starts = Counter("gateway_backend_starts", "Model server starts.",
+                                      ["model", "result"], registry=r)
+        self.start_duration = Histogram("gateway_backend_start_duration_seconds",
+                                        "Start request to healthy.", ["model"],
+                                        buckets=START_BUCKETS, registry=r)
+        self.stops = Counter("gateway_backend_stops", "Model server stops.", ["model", "reason"],
+                             registry=r)
+        self.evictions = Counter("gateway_evictions", "Models stopped to make room.",
+                                 ["model", "reason"], registry=r)
+        self.tokens = Counter("gateway_tokens", "Tokens from upstream usage reports.",
+                              ["model", "type"], registry=r)
+        self.stream_errors = Counter("gateway_stream_errors",
+                                     "Streams that broke after the first byte.", ["model"],
+                                     registry=r)
+        self.plugin_duration = Histogram("gateway_plugin_duration_seconds",
+                                         "Time in one plugin's hook implementation.",
+                                         ["hook", "plugin"],
+                                         buckets=(0.00001, 0.0001, 0.001, 0.01, 0.1, 1, 10),
+                                         registry=r)
+        self.plugin_errors = Counter("gateway_plugin_errors", "Hook implementations that raised.",
+                                     ["hook", "plugin"], registry=r)
+
+    def attach_state(self, rows: Callable[[], Iterable[ModelGauges]],
+                     vram_total_mib: Callable[[], int | None]) -> None:
+        self.registry.register(_StateCollector(rows, vram_total_mib))

@@ -1,0 +1,183 @@
+"""Building the plugin manager: built-ins first, then entry points, then checks.
+
+Built-in plugins come from an explicit list (as llm, datasette and pytest do) and are
+``trylast`` defaults; third-party plugins load from the ``vllm_gateway`` entry-point
+group and answer first. Config (``plugins.disabled``) or the environment variable
+VLLM_GATEWAY_LOAD_PLUGINS (a comma-separated allow-list of entry-point names) limit
+what loads.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import pluggy
+
+from gateway import hookspecs
+from gateway.hookspecs import ASYNC_CAPABLE_HOOKS, PROJECT, SYNC_ONLY_HOOKS
+
+ENTRY_POINT_GROUP = "vllm_gateway"
+DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("process_backend", "vllm_gateway_plugins.process_backend"),
+    ("static_backend", "vllm_gateway_plugins.static_backend"),
+    ("least_busy_selection", "vllm_gateway_plugins.least_busy"),
+    ("lru_eviction", "vllm_gateway_plugins.lru_eviction"),
+    ("backoff_retry", "vllm_gateway_plugins.backoff_retry"),
+    ("nvml_vram", "vllm_gateway_plugins.nvml_vram"),
+)
+
+
+class PluginError(Exception):
+    """A plugin breaks the contract; the message names the plugin and the hook."""
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    origin: str  # "builtin" or "distribution <name> <version>"
+    hooks: tuple[str, ...]
+
+
+def build_plugin_manager(disabled: Iterable[str] = (), load_entrypoints: bool = True,
+                         extra: Iterable[tuple[str, object]] = ()) -> pluggy.PluginManager:
+    """Create a fresh manager; ``extra`` registers (name, plugin) pairs, e.g. from tests."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in disabled:
+        pm.set_blocked(name)
+    for name, module in DEFAULT_PLUGINS:
+        if not pm.is_blocked(name):
+            try:
+                pm.register(importlib.import_module(module), name=name)
+            except ImportError as exc:
+                raise PluginError(f"built-in plugin {name}: cannot import: {exc}") from exc
+    if load_entrypoints:
+        _load_entrypoints(pm)
+    for name, plugin in extra:
+        if not pm.is_blocked(name):
+            pm.register(plugin, name=name)
+    check_contract(pm)
+    return pm
+
+
+def _load_entrypoints(pm: pluggy.PluginManager) -> None:
+    allow = os.environ.get("VLLM_GATEWAY_LOAD_PLUGINS")
+    if allow is None:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        return
+    for name in filter(None, (n.strip() for n in allow.split(","))):
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+
+
+def check_contract(pm: pluggy.PluginManager) -> None:
+    """Refuse misspelled hooks and async implementations of sync-only hooks."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {pm.get_name(exc.plugin)}: {exc}") from None
+    for hook_name in SYNC_ONLY_HOOKS:
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            fn = impl.function
+            if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+                raise PluginError(
+                    f"plugin {impl.plugin_name}: hook {hook_name} must be a plain (sync) function; "
+                    "an async implementation would always win a first-result call")
+            if impl.hookwrapper or impl.wrapper:
+                raise PluginError(f"plugin {impl.plugin_name}: hook {hook_name} does not "
+                                  "support wrappers (the core times each implementation)")
+
+
+def list_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    builtin = {name for name, _ in DEFAULT_PLUGINS}
+    out = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        hooks = tuple(sorted(h.name for h in pm.get_hookcallers(plugin) or ()))
+        dist = dists.get(id(plugin))
+        if dist is not None:
+            origin = f"distribution {dist.project_name} {dist.version}"
+        elif name in builtin:
+            origin = "builtin"
+        else:
+            origin = "registered"
+        out.append(PluginInfo(name, origin, hooks))
+    return out
+
+
+Observer = Callable[[str, str, float, BaseException | None], None]
+
+
+class HookRunner:
+    """Calls hooks implementation by implementation, timing and isolating each.
+
+    pluggy wrappers cannot await, so this is where per-plugin time is measured
+    (``observe(hook, plugin, seconds, error)``). Call order matches pluggy's:
+    tryfirst, then the most recently registered, then trylast.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, observe: Observer | None = None) -> None:
+        self.pm = pm
+        self._observe = observe or (lambda *a: None)
+        self._impls = {name: list(reversed(getattr(pm.hook, name).get_hookimpls()))
+                       for name in SYNC_ONLY_HOOKS + ASYNC_CAPABLE_HOOKS}
+
+    def _call(self, hook: str, impl: Any, kwargs: dict[str, Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            result = impl.function(*(kwargs[a] for a in impl.argnames))
+        except BaseException as exc:
+            self._observe(hook, impl.plugin_name, time.perf_counter() - started, exc)
+            raise PluginError(f"plugin {impl.plugin_name}: hook {hook} raised "
+                              f"{type(exc).__name__}: {exc}") from exc
+        self._observe(hook, impl.plugin_name, time.perf_counter() - started, None)
+        return result
+
+    def first(self, hook: str, **kwargs: Any) -> Any:
+        """First non-None answer of a sync decision hook; PluginError if one raises."""
+        for impl in self._impls[hook]:
+            result = self._call(hook, impl, kwargs)
+            if result is not None:
+                return result
+        return None
+
+    def first_with_name(self, hook: str, **kwargs: Any) -> tuple[Any, str | None]:
+        for impl in self._impls[hook]:
+            result = self._call(hook, impl, kwargs)
+            if result is not None:
+                return result, impl.plugin_name
+        return None, None
+
+    def has_impls(self, hook: str) -> bool:
+        return bool(self._impls[hook])
+
+    async def each(self, hook: str, *, isolate: bool = False, **kwargs: Any) -> list[Any]:
+        """Collect-all: call every implementation, awaiting awaitable results.
+
+        With ``isolate`` an error is observed and skipped (observers fail open);
+        otherwise it propagates as PluginError (start-up fails closed).
+        """
+        results = []
+        for impl in self._impls[hook]:
+            started = time.perf_counter()
+            error: Exception | None = None
+            try:
+                result = impl.function(*(kwargs[a] for a in impl.argnames))
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:
+                error = exc
+            finally:
+                self._observe(hook, impl.plugin_name, time.perf_counter() - started, error)
+            if error is not None:
+                if isolate:
+                    continue
+                raise PluginError(f"plugin {impl.plugin_name}: hook {hook} raised "
+                                  f"{type(error).__name__}: {error}") from error
+            results.append(result)
+        return results

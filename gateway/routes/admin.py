@@ -1,0 +1,61 @@
+"""Operator endpoints: liveness, status, Prometheus metrics and service discovery."""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sanic import Blueprint
+from sanic.request import Request
+from sanic.response import HTTPResponse, json as json_response
+
+from gateway.plugins import list_plugins
+
+admin = Blueprint("admin")
+
+
+@admin.get("/health")
+async def health(request: Request) -> HTTPResponse:
+    return json_response({"status": "ok"})
+
+
+@admin.get("/gateway/status")
+async def status(request: Request) -> HTTPResponse:
+    fleet = request.app.ctx.gateway.fleet
+    models = {name: rt.status() for name, rt in fleet.runtimes.items()}
+    totals = {
+        "models": len(models),
+        "running": sum(1 for m in models.values() if m["state"] == "ready"),
+        "queue_depth": sum(m["queue_depth"] for m in models.values()),
+        "in_flight": sum(m["in_flight"] for m in models.values()),
+        "vram_total_mib": fleet.total_vram_mib(),
+        "vram_reserved_mib": sum(m["vram_mib"] for m in models.values()),
+    }
+    return json_response({"models": models, "totals": totals})
+
+
+@admin.get("/metrics")
+async def metrics(request: Request) -> HTTPResponse:
+    registry = request.app.ctx.gateway.metrics.registry
+    return HTTPResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+
+@admin.get("/gateway/sd")
+async def service_discovery(request: Request) -> HTTPResponse:
+    """Prometheus HTTP SD: every running model server's /metrics, labelled."""
+    fleet = request.app.ctx.gateway.fleet
+    groups = []
+    for name, rt in fleet.runtimes.items():
+        if rt.state != "ready":
+            continue
+        targets = [urlsplit(u).netloc for u in rt.urls]
+        groups.append({"targets": targets,
+                       "labels": {"model": name, "backend": rt.cfg.backend,
+                                  "__metrics_path__": "/metrics"}})
+    return json_response(groups)
+
+
+@admin.get("/gateway/plugins")
+async def plugins(request: Request) -> HTTPResponse:
+    pm = request.app.ctx.gateway.hooks.pm
+    return json_response([{"name": p.name, "origin": p.origin, "hooks": list(p.hooks)}
+                          for p in list_plugins(pm)])

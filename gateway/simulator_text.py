@@ -1,0 +1,233 @@
+"""Pure helpers for the vLLM simulator: deterministic text, token counting, vectors, bodies.
+
+Nothing here touches the network or the clock, so it is cheap to call per token and easy to
+test. Token ``i`` of every completion is ``WORDS[(i * 7) % len(WORDS)]``; the completion text
+is those words joined by single spaces, so the word count of the output equals its tokens.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import struct
+import zlib
+from typing import Any
+
+MAX_MODEL_LEN = 4096
+EMBEDDING_DIM = 8
+VOCAB_SIZE = 32_000
+
+# 64 words: 7 is coprime with 64, so (i * 7) % 64 visits every word before repeating.
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven silver owls watch from "
+    "tall pine trees near quiet rivers under bright morning light as gentle winds carry "
+    "old songs across green hills toward distant blue mountains where small villages "
+    "keep warm fires and tell stories about brave sailors who crossed wide oceans long ago beneath golden autumn skies filled with soft rain"
+).split()
+assert len(WORDS) == 64
+
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    409: "ConflictError",
+    413: "RequestEntityTooLarge",
+    422: "UnprocessableEntityError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    501: "NotImplementedError",
+    502: "BadGatewayError",
+    503: "ServiceUnavailableError",
+    504: "GatewayTimeoutError",
+}
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON, as vLLM's pydantic ``model_dump_json`` writes it."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def error_body(message: str, status: int) -> str:
+    """vLLM's ``ErrorResponse`` body."""
+    err_type = ERROR_TYPES.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
+    return dumps({"error": {"message": message, "type": err_type, "param": None, "code": status}})
+
+
+def token_text(i: int) -> str:
+    """Text of output token ``i``: a word, preceded by a space except for the first."""
+    word = WORDS[(i * 7) % len(WORDS)]
+    return word if i == 0 else " " + word
+
+
+def completion_text(n: int) -> str:
+    return "".join(token_text(i) for i in range(n))
+
+
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
+def _content_text(content: Any) -> str:
+    """Text of a chat message's ``content``: a string or a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return ""
+
+
+def messages_text(messages: list) -> str:
+    return " ".join(_content_text(m.get("content")) for m in messages if isinstance(m, dict))
+
+
+def prompt_tokens_of(prompt: Any) -> int | None:
+    """Prompt tokens of a completions ``prompt``; None when its type is not an accepted one.
+
+    Accepted like the OpenAI API: a string, a list of strings, a list of token ids, or a
+    list of lists of token ids. Strings count one token per whitespace-separated word.
+    """
+    if isinstance(prompt, str):
+        return count_words(prompt)
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return sum(count_words(p) for p in prompt)
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return len(prompt)
+        if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+            return sum(len(p) for p in prompt)
+    return None
+
+
+def token_ids(text: str) -> list[int]:
+    """Deterministic ids for ``/tokenize``: one per word, stable across processes."""
+    return [zlib.crc32(w.encode()) % VOCAB_SIZE for w in text.split()]
+
+
+def embedding(item: Any) -> list[float]:
+    """A unit vector of EMBEDDING_DIM floats derived from a SHA-256 of the input."""
+    raw = item if isinstance(item, str) else dumps(item)
+    digest = hashlib.sha256(raw.encode()).digest()
+    vals = [(x / 2**31) - 1.0 for x in struct.unpack("<8I", digest)]
+    norm = math.sqrt(sum(v * v for v in vals)) or 1.0
+    return [v / norm for v in vals]
+
+
+def embedding_b64(vec: list[float]) -> str:
+    """OpenAI's ``encoding_format: base64``: little-endian float32 bytes, base64-encoded."""
+    return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+
+
+class SimError(Exception):
+    """A request the simulator refuses, answered with vLLM's error body and ``status``."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+def _load(raw: bytes | None, served: str) -> dict:
+    """The JSON object body; 400 if not JSON or not an object, 404 for another model."""
+    try:
+        body = json.loads(raw or b"")
+    except ValueError as e:
+        raise SimError(f"JSON decode error: {e}") from None
+    if not isinstance(body, dict):
+        raise SimError("The request body must be a JSON object.")
+    model = body.get("model")
+    if model is not None and model != served:
+        raise SimError(f"The model `{model}` does not exist.", 404)
+    return body
+
+
+def parse_generation(raw: bytes | None, served: str, chat: bool) -> dict:
+    """Validate a chat/completions request like vLLM; returns what generation needs."""
+    body = _load(raw, served)
+    if chat:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+            raise SimError("`messages` must be a non-empty list of message objects.")
+        prompt_tokens = count_words(messages_text(msgs))
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    else:
+        prompt_tokens = prompt_tokens_of(body.get("prompt"))
+        if prompt_tokens is None:
+            raise SimError("`prompt` must be a string, a list of strings or token ids.")
+        limit = body.get("max_tokens")
+    prompt_tokens = max(1, prompt_tokens)
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise SimError(f"max_tokens must be at least 1, got {limit}.")
+    n = 16 if limit is None else limit
+    if prompt_tokens + n > MAX_MODEL_LEN:
+        raise SimError(
+            f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you "
+            f"requested {prompt_tokens + n} tokens ({prompt_tokens} in the messages, {n} in the "
+            "completion). Please reduce the length of the messages or completion.")
+    stream = bool(body.get("stream"))
+    opts = body.get("stream_options")
+    if opts is not None and not stream:
+        raise SimError("Stream options can only be defined when `stream=True`.")
+    return {"model": body.get("model"), "prompt_tokens": prompt_tokens, "n": n,
+            "stream": stream, "reason": "stop" if limit is None else "length",
+            "include_usage": stream and isinstance(opts, dict) and bool(opts.get("include_usage"))}
+
+
+def parse_embeddings(raw: bytes | None, served: str) -> tuple[Any, list, int, bool]:
+    """Returns (model, inputs, prompt_tokens, base64?) for an embeddings request."""
+    body = _load(raw, served)
+    inp = body.get("input")
+    token_list = isinstance(inp, list) and inp and all(isinstance(t, int) for t in inp)
+    items = [inp] if isinstance(inp, str) or token_list else inp
+    if not isinstance(items, list) or not items or not all(
+            isinstance(i, (str, list)) for i in items):
+        raise SimError("`input` must be a string, a list of strings or token ids.")
+    tokens = sum(max(1, count_words(i) if isinstance(i, str) else len(i)) for i in items)
+    return body.get("model"), items, tokens, body.get("encoding_format") == "base64"
+
+
+def parse_tokenize(raw: bytes | None, served: str) -> str:
+    """The text to tokenize: ``prompt`` or the ``messages`` contents."""
+    body = _load(raw, served)
+    if isinstance(body.get("prompt"), str):
+        return body["prompt"]
+    if isinstance(body.get("messages"), list):
+        return messages_text(body["messages"])
+    raise SimError("Either `prompt` (string) or `messages` (list) is required.")
+
+
+# Server-sent events, written by hand (one f-string per token is the hot path).
+def chunk_head(rid: str, chat: bool, created: int, model: str) -> str:
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    return f'data: {{"id":"{rid}","object":"{obj}","created":{created},"model":{dumps(model)},' \
+           '"choices":'
+
+
+def role_event(head: str) -> str:
+    return head + '[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,' \
+                  '"finish_reason":null}]}\n\n'
+
+
+def token_event(head: str, chat: bool, i: int, finish_reason: str | None) -> str:
+    text = dumps(token_text(i))
+    choice = f'{{"index":0,"delta":{{"content":{text}}},' if chat else f'{{"index":0,"text":{text},'
+    fin = "null" if finish_reason is None else dumps(finish_reason)
+    return f'{head}[{choice}"logprobs":null,"finish_reason":{fin},"stop_reason":null}}]}}\n\n'
+
+
+def usage_event(head: str, usage: dict) -> str:
+    return f'{head}[],"usage":{dumps(usage)}}}\n\n'
+
+
+def completion_body(rid: str, chat: bool, created: int, model: str, n: int, reason: str,
+                    usage: dict) -> dict:
+    """A non-stream chat.completion / text_completion body as vLLM returns it."""
+    text = completion_text(n)
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []}}
+              if chat else {"index": 0, "text": text})
+    choice.update(logprobs=None, finish_reason=reason, stop_reason=None)
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+            "created": created, "model": model, "choices": [choice], "usage": usage,
+            "prompt_logprobs": None}

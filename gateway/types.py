@@ -1,0 +1,144 @@
+"""Plain values that cross the plugin boundary.
+
+Hooks receive frozen snapshots, never live objects, so a plugin cannot corrupt the
+gateway's state by accident: the one owner of each count stays the one writer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Protocol, Sequence
+
+ModelState = Literal["stopped", "starting", "ready", "stopping"]
+ErrorKind = Literal["connect", "timeout", "pool_timeout", "read", "protocol", "http_5xx", "http_4xx"]
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """A read-only snapshot of one configured model, as hooks see it."""
+
+    name: str
+    backend: str
+    state: ModelState
+    waiting: int
+    in_flight: int
+    max_concurrent: int
+    max_queue: int
+    last_used: float  # time.monotonic() of the last request start or finish; 0 if never
+    loaded_since: float  # time.monotonic() when it became ready; 0 if not loaded
+    vram_mib: int  # footprint the gateway reserves for it (configured, learned or estimated)
+    pinned: bool = False
+    reload_cost_s: float = 0.0  # how long its last start took; eviction prefers cheap reloads
+    urls: tuple[str, ...] = ()
+
+    @property
+    def busy(self) -> bool:
+        return self.waiting > 0 or self.in_flight > 0
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What admission and selection hooks know about an incoming request."""
+
+    model: str
+    path: str
+    method: str
+    headers: Mapping[str, str]
+    body: Mapping[str, Any]
+    client_ip: str = ""
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Returned by ``admit_request`` to refuse a request before it queues."""
+
+    status: int = 429
+    message: str = "request rejected"
+    code: str = "rejected"
+    reason: str = "rate_limit"  # bounded label for gateway_rejections_total
+    retry_after_s: int | None = 1
+
+
+@dataclass(frozen=True)
+class UpstreamOutcome:
+    """One failed upstream attempt, as the retry hook sees it."""
+
+    model: str
+    attempt: int  # 1-based
+    kind: ErrorKind
+    status: int | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class RetryDecision:
+    retry: bool
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    retries: int
+    backoff_s: float
+    backoff_multiplier: float
+
+
+@dataclass(frozen=True)
+class EvictionRequest:
+    """Everything the eviction policy needs: pure data, no handles."""
+
+    target: ModelView
+    loaded: Sequence[ModelView]  # models currently ready or starting, target excluded
+    total_vram_mib: int
+    reserved_vram_mib: int  # sum of footprints of loaded models
+    max_models_running: int | None
+    min_residency_s: float
+    now: float  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class VramReading:
+    total_mib: int
+    used_mib: int
+
+
+@dataclass
+class RunningServer:
+    """A backend driver's handle on one started model server."""
+
+    url: str
+    ident: str = ""  # pid, container id, ...
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class BackendDriver(Protocol):
+    """How a backend type starts and stops model servers.
+
+    Drivers are registered with the ``register_backends`` hook. All methods are
+    async; drivers that call blocking libraries (the docker SDK) must run them off the
+    event loop.
+    """
+
+    #: False for backends that never start anything (static): the gateway then skips
+    #: health-waiting, idle stop and eviction for them.
+    manages_lifecycle: bool
+
+    def validate(self, model: Any) -> list[str]:
+        """Return one message per problem with this model's config (key: reason)."""
+        ...
+
+    async def start(self, model: Any, port: int) -> RunningServer: ...
+
+    async def stop(self, model: Any, server: RunningServer) -> None: ...
+
+    async def is_running(self, model: Any, server: RunningServer) -> bool: ...
+
+    async def adopt(self, model: Any) -> RunningServer | None:
+        """Return a server this gateway started earlier and left running, if any."""
+        ...
+
+    async def logs_tail(self, model: Any, server: RunningServer, lines: int = 20) -> str: ...
+
+
+class Register(Protocol):
+    def __call__(self, name: str, driver: BackendDriver) -> None: ...
