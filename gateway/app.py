@@ -51,7 +51,9 @@ def build_gateway(settings: Settings, extra_plugins: Iterable[tuple[str, object]
 
     hooks = HookRunner(pm, observe)
     fleet = Fleet(settings, hooks, drivers, metrics)
-    metrics.attach_state(fleet.gauges, fleet.total_vram_mib)
+    metrics.attach_state(fleet.gauges, fleet.total_vram_mib, fleet.used_vram_mib)
+    for name in fleet.runtimes:
+        metrics.init_model(name)
     tracing = Tracing(settings.tracing.otlp_endpoint, settings.tracing.service_name, span_exporter)
     return Gateway(settings, hooks, fleet, metrics, tracing)
 

@@ -110,6 +110,7 @@ class ModelConfig(_Strict):
     gguf_file: str | None = None
     mem_limit: str | None = None
     cpus: float | None = Field(None, gt=0, le=1024)
+    shm_size: str | None = None  # instead of ipc_mode host
     # placement
     vram_mib: int | None = Field(None, ge=1, le=10_000_000)
     pinned: bool = False

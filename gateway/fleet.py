@@ -138,7 +138,7 @@ class Fleet:
                 f"model {rt.name!r}: start failed: {type(exc).__name__}: {exc}")
             if server is not None:
                 await asyncio.shield(self._stop_server(rt, server))
-                self.metrics.backend_stops.labels(rt.name, "failed_start").inc()
+                self.metrics.stops.labels(rt.name, "failed_start").inc()
             rt.mark_stopped(message)
             self.metrics.backend_starts.labels(rt.name, "failure").inc()
             log.error("%s", message)
@@ -232,7 +232,7 @@ class Fleet:
                 await self._stop_server(rt, server)
         finally:
             rt.mark_stopped()
-            self.metrics.backend_stops.labels(rt.name, reason).inc()
+            self.metrics.stops.labels(rt.name, reason).inc()
             log.info("model %s stopped (%s)", rt.name, reason)
 
     async def _stop_server(self, rt: ModelRuntime, server) -> None:

@@ -29,9 +29,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def register_backends(register: Register) -> None:
     """Register backend drivers: ``register("docker", DockerDriver())``.
 
-    A model's ``backend:`` key names one of them. Registering a name twice is an
-    error unless the later plugin overrides on purpose (it replaces the earlier one).
-    Collect-all; sync only.
+    A model's ``backend:`` key names one of them. A plugin's driver replaces a
+    built-in driver of the same name; two plugins registering one name is an error
+    (PluginError at start-up). Collect-all; sync only.
     """
 
 

@@ -20,6 +20,12 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
                    60, 120, 300, 600)
 START_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 MODEL_STATES = ("stopped", "starting", "ready", "stopping")
+REJECTION_REASONS = ("queue_full", "queue_timeout", "admission", "auth", "rate_limit", "too_large",
+                     "bad_request", "unknown_model")
+ERROR_KINDS = ("connect", "timeout", "pool_timeout", "read", "protocol", "http_5xx")
+START_RESULTS = ("success", "failure", "adopted")
+STOP_REASONS = ("idle", "eviction", "crash", "shutdown", "failed_start")
+EVICTION_REASONS = ("vram", "max_models")
 
 
 @dataclass(frozen=True)
@@ -47,9 +53,11 @@ class ModelGauges:
 
 class _StateCollector(Collector):
     def __init__(self, rows: Callable[[], Iterable[ModelGauges]],
-                 vram_total_mib: Callable[[], int | None]):
+                 vram_total_mib: Callable[[], int | None],
+                 vram_used_mib: Callable[[], int | None]):
         self._rows = rows
         self._vram_total = vram_total_mib
+        self._vram_used = vram_used_mib
 
     def collect(self):  # noqa: C901 - one family each, flat on purpose
         rows = list(self._rows())
@@ -88,6 +96,11 @@ class _StateCollector(Collector):
         if total is not None:
             g = GaugeMetricFamily("gateway_vram_total_bytes", "GPU memory the gateway may use.")
             g.add_metric([], total * MIB)
+            yield g
+        used = self._vram_used()
+        if used is not None:
+            g = GaugeMetricFamily("gateway_vram_used_bytes", "GPU memory in use (NVML or read_vram hook).")
+            g.add_metric([], used * MIB)
             yield g
 
 
@@ -143,6 +156,25 @@ class GatewayMetrics:
         self.plugin_errors = Counter("gateway_plugin_errors", "Hook implementations that raised.",
                                      ["hook", "plugin"], registry=r)
 
+    def init_model(self, model: str) -> None:
+        """Create every fixed label combination at 0, so the first event is an increase
+        that ``increase()``/``rate()`` can see (a series born at 1 is invisible)."""
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(model, reason)
+        for kind in ERROR_KINDS:
+            self.upstream_errors.labels(model, kind)
+            self.retries.labels(model, kind)
+        for result in START_RESULTS:
+            self.backend_starts.labels(model, result)
+        for reason in STOP_REASONS:
+            self.stops.labels(model, reason)
+        for reason in EVICTION_REASONS:
+            self.evictions.labels(model, reason)
+        for kind in ("input", "output"):
+            self.tokens.labels(model, kind)
+        self.stream_errors.labels(model)
+
     def attach_state(self, rows: Callable[[], Iterable[ModelGauges]],
-                     vram_total_mib: Callable[[], int | None]) -> None:
-        self.registry.register(_StateCollector(rows, vram_total_mib))
+                     vram_total_mib: Callable[[], int | None],
+                     vram_used_mib: Callable[[], int | None] = lambda: None) -> None:
+        self.registry.register(_StateCollector(rows, vram_total_mib, vram_used_mib))

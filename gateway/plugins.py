@@ -52,25 +52,41 @@ def build_plugin_manager(disabled: Iterable[str] = (), load_entrypoints: bool = 
     for name, module in DEFAULT_PLUGINS:
         if not pm.is_blocked(name):
             try:
-                pm.register(importlib.import_module(module), name=name)
+                plugin = importlib.import_module(module)
             except ImportError as exc:
                 raise PluginError(f"built-in plugin {name}: cannot import: {exc}") from exc
+            _register(pm, plugin, name)
     if load_entrypoints:
         _load_entrypoints(pm)
     for name, plugin in extra:
         if not pm.is_blocked(name):
-            pm.register(plugin, name=name)
+            _register(pm, plugin, name)
     check_contract(pm)
     return pm
 
 
+def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    """pm.register, with pluggy's signature errors (an argument the hookspec lacks)
+    turned into PluginError naming the plugin."""
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {name}: {exc}") from None
+
+
 def _load_entrypoints(pm: pluggy.PluginManager) -> None:
     allow = os.environ.get("VLLM_GATEWAY_LOAD_PLUGINS")
-    if allow is None:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        return
-    for name in filter(None, (n.strip() for n in allow.split(","))):
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+    names: list[str | None] = [None] if allow is None else [
+        n for n in (n.strip() for n in allow.split(",")) if n]
+    for name in names:
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+        except pluggy.PluginValidationError as exc:  # pluggy's message names the plugin
+            raise PluginError(f"entry-point plugin: {exc}") from None
+        except Exception as exc:  # the plugin's module failed to import
+            raise PluginError(f"cannot load plugins from entry-point group {ENTRY_POINT_GROUP!r}"
+                              f"{f' (name {name})' if name else ''}: {type(exc).__name__}: {exc}"
+                              ) from exc
 
 
 def check_contract(pm: pluggy.PluginManager) -> None:
@@ -79,13 +95,16 @@ def check_contract(pm: pluggy.PluginManager) -> None:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"plugin {pm.get_name(exc.plugin)}: {exc}") from None
-    for hook_name in SYNC_ONLY_HOOKS:
+    for hook_name in SYNC_ONLY_HOOKS + ASYNC_CAPABLE_HOOKS:
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             fn = impl.function
-            if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            if hook_name in SYNC_ONLY_HOOKS and (inspect.iscoroutinefunction(fn)
+                                                 or inspect.isasyncgenfunction(fn)):
                 raise PluginError(
                     f"plugin {impl.plugin_name}: hook {hook_name} must be a plain (sync) function; "
                     "an async implementation would always win a first-result call")
+            # HookRunner calls every implementation itself, so a wrapper would run as a
+            # plain implementation: refuse it for every hook, not only the sync ones.
             if impl.hookwrapper or impl.wrapper:
                 raise PluginError(f"plugin {impl.plugin_name}: hook {hook_name} does not "
                                   "support wrappers (the core times each implementation)")

@@ -19,7 +19,7 @@ from gateway.errors import error_response
 from gateway.fleet import Fleet
 from gateway.forward import Exchange, Forwarder
 from gateway.lifecycle import ModelRuntime, StartFailed
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import REJECTION_REASONS, GatewayMetrics
 from gateway.plugins import HookRunner, PluginError
 from gateway.tracing import Tracing
 from gateway.types import Rejection, RequestInfo
@@ -132,7 +132,8 @@ class Gateway:
         headers = self.queue_headers(rt)
         if rejection.retry_after_s is not None:
             headers["Retry-After"] = str(rejection.retry_after_s)
-        self.metrics.rejections.labels(rt.name, rejection.reason).inc()
+        reason = rejection.reason if rejection.reason in REJECTION_REASONS else "admission"
+        self.metrics.rejections.labels(rt.name, reason).inc()
         return error_response(rejection.status, rejection.message, rejection.code, headers)
 
     def _reject(self, rt: ModelRuntime, status: int, reason: str, message: str) -> HTTPResponse:

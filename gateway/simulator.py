@@ -8,8 +8,8 @@ Run it with ``python -m gateway.simulator --port 8001 --served-model-name m`` (o
 deterministic unit vectors, ``float`` or ``base64``), ``POST /tokenize``, ``GET /metrics``
 (vLLM metric names, label ``model_name``) and ``GET /sim/stats``. Generation waits ``--ttft-ms``
 before the first token and ``--itl-ms`` between tokens; at most ``--max-num-seqs`` requests
-generate at once, the rest wait FIFO. Until startup is over every other path except
-``/metrics`` and ``/sim/stats`` answers 503 as well.
+generate at once, the rest wait FIFO (an embeddings request holds a slot for ``--ttft-ms``).
+Until startup is over every other path except ``/metrics`` and ``/sim/stats`` answers 503 too.
 
 A stream is: (chat only) a role chunk ``delta: {"role": "assistant", "content": ""}``, then one
 event per token, the last one carrying ``finish_reason``, then a ``choices: []`` usage chunk if
@@ -21,7 +21,8 @@ Test-only fault knobs (request headers):
 - ``X-Sim-Delay-Ms: N`` waits N ms before anything else (so before response headers).
 - ``X-Sim-Status: CODE`` answers CODE at once (after any delay) with an OpenAI error body.
 - ``X-Sim-Break-After: N`` (streams) closes the connection after N token events (the chat role
-  chunk does not count), without the terminating chunk and without ``[DONE]``.
+  chunk does not count), without the terminating chunk and without ``[DONE]``; this is the
+  server's doing, so it is not counted in ``cancelled_total``.
 - ``X-Sim-Echo-Headers: 1`` adds ``"received_headers"`` (lower-cased names) to non-stream
   bodies. ``"received_model"`` (the body's ``model``) is in every non-stream body.
 
@@ -292,13 +293,11 @@ def build_app(served_model_name: str, ttft_ms: float = 20, itl_ms: float = 5,
     async def refused(_request, exc):
         return _error(exc.message, exc.status)
 
-    @app.exception(NotFound)
-    async def not_found(_request, _exc):
-        return _json({"detail": "Not Found"}, 404)  # FastAPI's body, as vLLM sends
-
-    @app.exception(MethodNotAllowed)
-    async def not_allowed(_request, _exc):
-        return _json({"detail": "Method Not Allowed"}, 405)
+    @app.exception(NotFound, MethodNotAllowed)
+    async def no_route(_request, exc):  # FastAPI's bodies, as vLLM sends them
+        not_found = isinstance(exc, NotFound)
+        return _json({"detail": "Not Found" if not_found else "Method Not Allowed"},
+                     404 if not_found else 405)
 
     @app.exception(Exception)
     async def failed(_request, exc):
@@ -338,7 +337,8 @@ def _number(kind: type, low: float, high: float = math.inf):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the simulator's options; bad values end in ``parser.error`` naming the option."""
-    parser.add_argument("--port", type=_number(int, 1, 65535), required=True, help="port to listen on")
+    parser.add_argument("--port", type=_number(int, 1, 65535), required=True,
+                        help="port to listen on")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     parser.add_argument("--served-model-name", required=True, help="the one model name served")
     parser.add_argument("--ttft-ms", type=_number(float, 0), default=20.0,

@@ -23,7 +23,8 @@ WORDS = (
     "the quick brown fox jumps over a lazy dog while seven silver owls watch from "
     "tall pine trees near quiet rivers under bright morning light as gentle winds carry "
     "old songs across green hills toward distant blue mountains where small villages "
-    "keep warm fires and tell stories about brave sailors who crossed wide oceans long ago beneath golden autumn skies filled with soft rain"
+    "keep warm fires and tell stories about brave sailors who crossed wide oceans long ago "
+    "beneath golden autumn skies filled with soft rain"
 ).split()
 assert len(WORDS) == 64
 
@@ -51,7 +52,8 @@ def dumps(obj: Any) -> str:
 
 def error_body(message: str, status: int) -> str:
     """vLLM's ``ErrorResponse`` body."""
-    err_type = ERROR_TYPES.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
+    fallback = "InternalServerError" if status >= 500 else "BadRequestError"
+    err_type = ERROR_TYPES.get(status, fallback)
     return dumps({"error": {"message": message, "type": err_type, "param": None, "code": status}})
 
 

@@ -123,6 +123,16 @@ class BackendDriver(Protocol):
     #: health-waiting, idle stop and eviction for them.
     manages_lifecycle: bool
 
+    # Optional members (looked up with getattr, so drivers may leave them out):
+    #
+    # ``stop_on_shutdown: bool`` (default True): False leaves this driver's servers
+    # running when the gateway stops, for the next gateway to ``adopt``.
+    #
+    # ``configure(settings: gateway.config.Settings) -> None``: the gateway calls it
+    # once per gateway it builds, before ``validate`` and before any start or adopt,
+    # with the validated Settings (``register_backends`` only gets ``register``). It
+    # must not do I/O; a driver reads what it needs (e.g. ``settings.docker``) lazily.
+
     def validate(self, model: Any) -> list[str]:
         """Return one message per problem with this model's config (key: reason)."""
         ...
