@@ -50,6 +50,8 @@ def build_gateway(settings: Settings, extra_plugins: Iterable[tuple[str, object]
             metrics.plugin_errors.labels(hook, plugin).inc()
 
     hooks = HookRunner(pm, observe)
+    for hook, plugin in hooks.implementations():
+        metrics.plugin_errors.labels(hook, plugin)  # born at 0: the first error is visible
     fleet = Fleet(settings, hooks, drivers, metrics)
     metrics.attach_state(fleet.gauges, fleet.total_vram_mib, fleet.used_vram_mib)
     for name in fleet.runtimes:

@@ -16,6 +16,7 @@ from typing import Iterable
 import httpx
 
 from gateway.config import Settings
+from gateway.drivers import configure_drivers
 from gateway.lifecycle import ModelRuntime, StartFailed
 from gateway.metrics import GatewayMetrics, ModelGauges
 from gateway.plugins import HookRunner
@@ -39,6 +40,7 @@ class Fleet:
         self.settings = settings
         self.hooks = hooks
         self.metrics = metrics
+        configure_drivers(settings, drivers)  # idempotent; check_models did it already
         self.runtimes = {m.name: ModelRuntime(m, settings, drivers[m.backend])
                          for m in settings.models}
         self.footprints = FootprintStore(settings.gpu.footprints_file)
@@ -55,13 +57,42 @@ class Fleet:
                 server = await rt.driver.start(rt.cfg, 0)
                 rt.mark_ready(server, 0.0)
                 continue
-            adopted = await rt.driver.adopt(rt.cfg)
-            if adopted is not None:
-                rt.vram_mib = self.footprint(rt)
-                rt.mark_ready(adopted, 0.0)
-                self.metrics.backend_starts.labels(rt.name, "adopted").inc()
-                log.info("adopted running server for %s at %s", rt.name, adopted.url)
+            await self._adopt(rt)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="fleet-sweeper")
+
+    async def _adopt(self, rt: ModelRuntime) -> None:
+        """Take over a server an earlier gateway left running, if it answers /health.
+
+        A driver that cannot look (Docker daemon down) must not stop the gateway from
+        starting: the error is logged and shown as the model's last_error.
+        """
+        try:
+            adopted = await rt.driver.adopt(rt.cfg)
+        except Exception as exc:
+            rt.last_error = f"model {rt.name!r}: adopt failed: {type(exc).__name__}: {exc}"
+            log.warning("%s", rt.last_error)
+            return
+        if adopted is None:
+            return
+        if not await self._answers_health(adopted):
+            log.warning("model %s: server at %s does not answer /health; stopping it instead "
+                        "of adopting it", rt.name, adopted.url)
+            await self._stop_server(rt, adopted)
+            return
+        rt.vram_mib = self.footprint(rt)
+        rt.mark_ready(adopted, 0.0)
+        # The idle clock starts at adoption; last_used 0 would make it idle at once.
+        rt.admission.last_used = time.monotonic()
+        self.metrics.backend_starts.labels(rt.name, "adopted").inc()
+        log.info("adopted running server for %s at %s", rt.name, adopted.url)
+
+    async def _answers_health(self, server) -> bool:
+        assert self._health_client is not None
+        try:
+            resp = await self._health_client.get(server.url.rstrip("/") + "/health", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
 
     async def shutdown(self) -> None:
         if self._sweeper:

@@ -55,7 +55,6 @@ class Forwarder:
             await rt.ensure_ready(self.gw.fleet)
             url = self.gw.pick_url(ex)
             headers = forward_headers(ex.request.headers)
-            self.gw.tracing.inject(headers)
             try:
                 return await self._attempt(ex, url, headers, attempt)
             except _RetryableFailure as failure:
@@ -94,6 +93,7 @@ class Forwarder:
             with self.gw.tracing.span("gateway.upstream_attempt",
                                       {"gen_ai.request.model": rt.name, "attempt": attempt,
                                        "server.address": url}, client=True):
+                self.gw.tracing.inject(headers)  # the model server's parent is this attempt
                 req = pool.client.build_request(ex.request.method, url + ex.path,
                                                 content=ex.body, headers=headers,
                                                 params=ex.request.query_string or None)

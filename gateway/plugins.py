@@ -24,6 +24,7 @@ ENTRY_POINT_GROUP = "vllm_gateway"
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("process_backend", "vllm_gateway_plugins.process_backend"),
     ("static_backend", "vllm_gateway_plugins.static_backend"),
+    ("docker_backend", "vllm_gateway_plugins.docker_backend"),
     ("least_busy_selection", "vllm_gateway_plugins.least_busy"),
     ("lru_eviction", "vllm_gateway_plugins.lru_eviction"),
     ("backoff_retry", "vllm_gateway_plugins.backoff_retry"),
@@ -171,6 +172,10 @@ class HookRunner:
             if result is not None:
                 return result, impl.plugin_name
         return None, None
+
+    def implementations(self) -> list[tuple[str, str]]:
+        """(hook, plugin) for every implementation, in call order."""
+        return [(hook, impl.plugin_name) for hook, impls in self._impls.items() for impl in impls]
 
     def has_impls(self, hook: str) -> bool:
         return bool(self._impls[hook])
