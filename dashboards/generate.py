@@ -415,11 +415,15 @@ def lifecycle() -> dict:
         sized(timeseries("VRAM reserved per model vs total",
                          "GPU memory the gateway reserves for each loaded model "
                          "(gateway_vram_reserved_bytes, stacked) against the memory it may "
-                         "use (gateway_vram_total_bytes, dashed).",
+                         "use (gateway_vram_total_bytes, dashed) and what the GPU reports in use "
+                         "(gateway_vram_used_bytes, dashed): used far above reserved means a "
+                         "footprint is underestimated.",
                          targets((f"sum by (model) (gateway_vram_reserved_bytes{{{M}}})",
                                   "{{model}}"),
-                                 ("max(gateway_vram_total_bytes)", "total")),
-                         "bytes", stack=True, overrides=[limit_override("total")]), 24, 8),
+                                 ("max(gateway_vram_total_bytes)", "total"),
+                                 ("max(gateway_vram_used_bytes)", "used")),
+                         "bytes", stack=True,
+                         overrides=[limit_override("total"), limit_override("used")]), 24, 8),
     ])
 
 

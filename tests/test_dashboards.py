@@ -60,7 +60,7 @@ def _registry_text() -> str:
         model="chat-small", backend="process", state="ready", waiting=1, in_flight=2,
         max_concurrent=4, max_queue=8, admitted_total=10, finished_total=7,
         anomalies_total=0, pool_size=8, pool_in_use=2, vram_reserved_mib=1024)],
-        lambda: 80_000)
+        lambda: 80_000, lambda: 20_000)
     # Labelled request-path metrics export no samples until a child exists; make one
     # child each so their label names show up in the exposition too.
     for attr in vars(m).values():

@@ -72,7 +72,7 @@ def test_every_dashboard_query_returns_data(tmp_path):
     prometheus = require_tool("prometheus", "the Prometheus integration test")
     config = {
         "idle_timeout_s": 0,
-        "gpu": {"total_vram_mib": 80000},
+        "plugins": {"modules": ["tests.fake_gpu"]},  # no GPU here: VRAM through the hook
         "models": [
             {"name": "chat-a", "backend": "process", "command": SIM, "max_concurrent": 8},
             # one slot, no queue, slow: a share of its requests is answered 429
