@@ -227,8 +227,9 @@ def _format_errors(err: ValidationError, source: str, env_keys: Mapping[str, str
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         where = source
-        if key in env_keys:
-            where = f"environment {env_keys[key]}"
+        env_key = next((k for k in env_keys if key == k or key.startswith(k + ".")), None)
+        if env_key is not None:
+            where = f"environment {env_keys[env_key]}"
         msg = e["msg"]
         if e["type"] not in ("missing", "extra_forbidden") and "input" in e:
             got = e["input"]
@@ -277,6 +278,7 @@ def load_settings(path: str | os.PathLike[str] | None = None,
     if allowed:
         try:
             raw["models"] = _models_from_allowed_json(allowed)
+            env_keys["models"] = "ALLOWED_MODELS_JSON"
         except ValueError as exc:
             problems.append(f"environment ALLOWED_MODELS_JSON: models: {exc}")
     try:

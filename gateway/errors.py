@@ -11,8 +11,8 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
 
 
 def error_body(status: int, message: str, code: str) -> bytes:
-    err = {"message": message, "type": TYPES.get(status, "server_error"), "param": None,
-           "code": code}
+    default = "invalid_request_error" if status < 500 else "server_error"
+    err = {"message": message, "type": TYPES.get(status, default), "param": None, "code": code}
     return json.dumps({"error": err}).encode()
 
 

@@ -147,11 +147,13 @@ class Fleet:
     async def start(self, rt: ModelRuntime) -> None:
         """The start transition: make room, launch, wait healthy, learn the footprint."""
         started = time.monotonic()
-        rt.mark_starting()
-        rt.vram_mib = self.footprint(rt)
         server = None
         try:
             async with self._placement:
+                # Only now is it "starting": a model still waiting for the lock holds no
+                # memory, and counting it as loaded would block the start that holds the lock.
+                rt.mark_starting()
+                rt.vram_mib = self.footprint(rt)
                 await self._make_room(rt)
                 used_before = self.used_vram_mib()
                 server = await rt.driver.start(rt.cfg, free_port())
@@ -222,6 +224,9 @@ class Fleet:
                 freed = sum(v.vram_mib for v in victims)
                 used_before = self.used_vram_mib()
                 for victim in victims:
+                    if not self.may_stop(victim):  # busy again while an earlier victim stopped
+                        freed -= victim.vram_mib
+                        continue
                     self.metrics.evictions.labels(victim.name, reason).inc()
                     await self.stop_model(victim, "eviction")
                 await self._wait_released(used_before, freed)

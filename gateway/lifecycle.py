@@ -52,8 +52,12 @@ class ModelRuntime:
         return bool(getattr(self.driver, "manages_lifecycle", True))
 
     async def ensure_ready(self, fleet: "Fleet") -> None:
-        """Return once the model serves; start it (once, shared) if needed."""
-        while self.state != "ready":
+        """Return once the model serves; start it (once, shared) if needed.
+
+        A pending transition is awaited even while the state still reads "ready": a stop
+        task created this loop iteration has not run yet, and its pool is about to close.
+        """
+        while self.state != "ready" or self.transition is not None:
             if self.transition is None:
                 self.transition = asyncio.create_task(fleet.start(self), name=f"start:{self.name}")
             # shield: a client that gives up must not cancel the start others wait on

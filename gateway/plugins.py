@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import pluggy
 from gateway import hookspecs
 from gateway.hookspecs import ASYNC_CAPABLE_HOOKS, PROJECT, SYNC_ONLY_HOOKS
 
+log = logging.getLogger("vllm_gateway.plugins")
 ENTRY_POINT_GROUP = "vllm_gateway"
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("process_backend", "vllm_gateway_plugins.process_backend"),
@@ -199,7 +201,9 @@ class HookRunner:
             finally:
                 self._observe(hook, impl.plugin_name, time.perf_counter() - started, error)
             if error is not None:
-                if isolate:
+                if isolate:  # the hookspec promises the error is logged, not swallowed
+                    log.error("plugin %s: hook %s raised %s: %s", impl.plugin_name, hook,
+                              type(error).__name__, error, exc_info=error)
                     continue
                 raise PluginError(f"plugin {impl.plugin_name}: hook {hook} raised "
                                   f"{type(error).__name__}: {error}") from error

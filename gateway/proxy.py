@@ -5,11 +5,11 @@ tracing). ``handle`` is the whole pipeline, one short function per phase.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
 
-from sanic.exceptions import RequestCancelled
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
@@ -66,7 +66,7 @@ class Gateway:
                 response, status = await self._serve(request, path, rt, payload)
                 self.tracing.set_attributes({"http.response.status_code": status})
                 return response
-        except RequestCancelled:
+        except asyncio.CancelledError:  # the client went away (Sanic cancels the handler)
             status = CLIENT_CLOSED
             raise
         finally:

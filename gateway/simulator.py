@@ -35,7 +35,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
+import os
+import signal
 import time
 import uuid
 from time import monotonic
@@ -48,10 +49,6 @@ from sanic.response import HTTPResponse
 
 from gateway import simulator_text as st
 
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 UNGATED = ("/health", "/metrics", "/sim/stats")
 
 
@@ -62,6 +59,7 @@ class SimState:
         self.name, self.ttft, self.itl = name, ttft_ms / 1000, itl_ms / 1000
         self.startup_s, self.max_num_seqs = startup_s, seqs
         self.started = monotonic()  # reset by before_server_start
+        self.serving = True  # run() holds it False until Sanic's startup is complete
         self.sem = asyncio.Semaphore(seqs)
         self.running = self.waiting = self.requests_total = self.cancelled_total = 0
         reg = self.registry = CollectorRegistry()
@@ -82,12 +80,13 @@ class SimState:
         self.success = {r: success.labels(model_name=name, finished_reason=r)
                         for r in ("stop", "length", "abort")}
         self.ttft_hist = Histogram("vllm:time_to_first_token_seconds", "TTFT.", ["model_name"],
-                                   buckets=TTFT_BUCKETS, registry=reg).labels(**lbl)
+                                   buckets=st.TTFT_BUCKETS, registry=reg).labels(**lbl)
         self.e2e_hist = Histogram("vllm:e2e_request_latency_seconds", "E2E latency.",
-                                  ["model_name"], buckets=E2E_BUCKETS, registry=reg).labels(**lbl)
+                                  ["model_name"], buckets=st.E2E_BUCKETS,
+                                  registry=reg).labels(**lbl)
 
     def ready(self) -> bool:
-        return monotonic() - self.started >= self.startup_s
+        return self.serving and monotonic() - self.started >= self.startup_s
 
     @contextlib.asynccontextmanager
     async def generation(self, prompt_tokens: int):
@@ -136,19 +135,6 @@ def _error(message: str, status: int) -> HTTPResponse:
                         content_type="application/json")
 
 
-def _header_num(request: Request, name: str) -> float | None:
-    value = request.headers.get(name)
-    if value is None:
-        return None
-    try:
-        num = float(value)
-    except ValueError:
-        num = -1.0
-    if not 0 <= num < math.inf:
-        raise st.SimError(f"Invalid {name} header: {value!r}")
-    return num
-
-
 async def _sleep_until(deadline: float) -> None:
     delay = deadline - asyncio.get_running_loop().time()
     if delay > 0:
@@ -179,7 +165,7 @@ async def _generate(request: Request, chat: bool):
 async def _stream(request: Request, sim: SimState, p: dict, chat: bool, rid: str,
                   created: int, usage: dict) -> None:
     """SSE, one send() (so one HTTP chunk) per event; see the module docstring."""
-    brk = _header_num(request, "x-sim-break-after")
+    brk = st.header_number(request.headers, "x-sim-break-after")
     head = st.chunk_head(rid, chat, created, sim.name)
     response = await request.respond(content_type="text/event-stream")
     await response.send(b"")  # headers go out now, as vLLM's do; writes no body chunk
@@ -229,10 +215,10 @@ def build_app(served_model_name: str, ttft_ms: float = 20, itl_ms: float = 5,
     async def _faults(request: Request):
         if request.method == "POST":
             sim.requests_total += 1
-        delay = _header_num(request, "x-sim-delay-ms")
+        delay = st.header_number(request.headers, "x-sim-delay-ms")
         if delay:
             await asyncio.sleep(delay / 1000)
-        code = _header_num(request, "x-sim-status")
+        code = st.header_number(request.headers, "x-sim-status")
         if code is not None:
             if code != int(code) or not 200 <= code <= 599:
                 raise st.SimError(f"Invalid x-sim-status header: {code}")
@@ -309,45 +295,39 @@ def build_app(served_model_name: str, ttft_ms: float = 20, itl_ms: float = 5,
 
 def run(port: int, served_model_name: str, host: str = "127.0.0.1", ttft_ms: float = 20,
         itl_ms: float = 5, startup_s: float = 0, max_num_seqs: int = 256) -> None:
-    """Serve the simulator in this one process until SIGTERM/SIGINT."""
+    """Serve the simulator in this one process until SIGTERM/SIGINT, then exit cleanly.
+
+    Sanic answers requests a moment before it installs its own SIGTERM/SIGINT handlers
+    (after_server_start runs after that), so /health stays 503 until then (a healthy
+    simulator always stops gracefully) and a signal during startup just ends the process.
+    """
     app = build_app(served_model_name, ttft_ms, itl_ms, startup_s, max_num_seqs)
+    sim: SimState = app.ctx.sim
+    sim.serving = False
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: os._exit(0))  # replaced by Sanic's graceful handler
 
     @app.after_server_start
-    async def _announce(_app):
+    async def _serving(_app):
+        sim.serving = True
         print(f"vLLM simulator serving {served_model_name!r} on http://{host}:{port}", flush=True)
 
-    with contextlib.suppress(KeyboardInterrupt):  # Sanic handles both signals once it runs
-        app.run(host=host, port=port, single_process=True, access_log=False, motd=False)
-
-
-def _number(kind: type, low: float, high: float = math.inf):
-    """An argparse ``type``: its errors reach ``parser.error``, naming the option."""
-    def parse(value: str):
-        try:
-            v = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-        if not (low <= v <= high) or math.isinf(v):
-            what = "must not be negative" if low == 0 else f"must be at least {low}" \
-                if high == math.inf else f"must be between {low} and {high}"
-            raise argparse.ArgumentTypeError(f"{what}, got {value}")
-        return v
-    return parse
+    app.run(host=host, port=port, single_process=True, access_log=False, motd=False)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the simulator's options; bad values end in ``parser.error`` naming the option."""
-    parser.add_argument("--port", type=_number(int, 1, 65535), required=True,
+    parser.add_argument("--port", type=st.arg_number(int, 1, 65535), required=True,
                         help="port to listen on")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     parser.add_argument("--served-model-name", required=True, help="the one model name served")
-    parser.add_argument("--ttft-ms", type=_number(float, 0), default=20.0,
+    parser.add_argument("--ttft-ms", type=st.arg_number(float, 0), default=20.0,
                         help="delay before the first token, ms (default %(default)s)")
-    parser.add_argument("--itl-ms", type=_number(float, 0), default=5.0,
+    parser.add_argument("--itl-ms", type=st.arg_number(float, 0), default=5.0,
                         help="delay between tokens, ms (default %(default)s)")
-    parser.add_argument("--startup-s", type=_number(float, 0), default=0.0,
+    parser.add_argument("--startup-s", type=st.arg_number(float, 0), default=0.0,
                         help="seconds /health answers 503 after start (default %(default)s)")
-    parser.add_argument("--max-num-seqs", type=_number(int, 1), default=256,
+    parser.add_argument("--max-num-seqs", type=st.arg_number(int, 1), default=256,
                         help="requests generating at once; the rest wait (default %(default)s)")
 
 

@@ -1,4 +1,5 @@
-"""Pure helpers for the vLLM simulator: deterministic text, token counting, vectors, bodies.
+"""Pure helpers for the vLLM simulator: deterministic text, token counting, vectors, request
+validation, response bodies and option parsing.
 
 Nothing here touches the network or the clock, so it is cheap to call per token and easy to
 test. Token ``i`` of every completion is ``WORDS[(i * 7) % len(WORDS)]``; the completion text
@@ -6,6 +7,7 @@ is those words joined by single spaces, so the word count of the output equals i
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import json
@@ -17,6 +19,11 @@ from typing import Any
 MAX_MODEL_LEN = 4096
 EMBEDDING_DIM = 8
 VOCAB_SIZE = 32_000
+# vLLM's buckets for vllm:time_to_first_token_seconds and vllm:e2e_request_latency_seconds.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 # 64 words: 7 is coprime with 64, so (i * 7) % 64 visits every word before repeating.
 WORDS = (
@@ -233,3 +240,33 @@ def completion_body(rid: str, chat: bool, created: int, model: str, n: int, reas
     return {"id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": created, "model": model, "choices": [choice], "usage": usage,
             "prompt_logprobs": None}
+
+
+def header_number(headers: Any, name: str) -> float | None:
+    """A fault-knob header as a finite number >= 0; None when absent, 400 when malformed."""
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        num = float(value)
+    except ValueError:
+        num = -1.0
+    if not 0 <= num < math.inf:
+        raise SimError(f"Invalid {name} header: {value!r}")
+    return num
+
+
+def arg_number(kind: type, low: float, high: float = math.inf):
+    """An argparse ``type`` for a bounded number: argparse turns its errors into
+    ``parser.error`` messages that name the option."""
+    def parse(value: str):
+        try:
+            v = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if not (low <= v <= high) or math.isinf(v):
+            what = "must not be negative" if low == 0 else f"must be at least {low}" \
+                if high == math.inf else f"must be between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"{what}, got {value}")
+        return v
+    return parse

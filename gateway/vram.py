@@ -45,6 +45,7 @@ class FootprintStore:
         self._save()
 
     def _save(self) -> None:
+        tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".footprints-")
@@ -53,8 +54,15 @@ class FootprintStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
+            tmp = None
         except OSError as exc:
             log.warning("cannot save footprints to %s: %s", self.path, exc)
+        finally:
+            if tmp is not None:  # a failed write leaves the old file and no temp file
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
 
     def as_dict(self) -> dict[str, int]:
         return dict(self._learned)

@@ -1,0 +1,401 @@
+"""The vLLM simulator, tested as a real subprocess with httpx, raw sockets and the openai client.
+
+The gateway's own tests lean on the simulator's exact behaviour (chunk counts, fault knobs,
+queueing, cancellation accounting), so these pin it down.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import time
+
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import simulator, simulator_text
+from helpers import free_port, start_simulator, wait_http_ok
+
+MODEL = "sim-model"
+CHAT = {"model": MODEL, "messages": [{"role": "system", "content": "be brief"},
+                                     {"role": "user", "content": "hello there world"}]}
+
+
+@pytest.fixture(scope="module")
+def sim():
+    """A fast simulator shared by the tests that only look at response shapes."""
+    with start_simulator(MODEL, ttft_ms=5, itl_ms=1) as s:
+        yield s
+
+
+@pytest.fixture
+def slow_sim():
+    """A fresh simulator with visible delays, so counters start at zero."""
+    with start_simulator(MODEL, ttft_ms=100, itl_ms=50, max_num_seqs=4) as s:
+        yield s
+
+
+@pytest.fixture
+async def http():
+    async with httpx.AsyncClient(timeout=10, trust_env=False) as c:
+        yield c
+
+
+def oai(s) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise KeyError(f"{name} {labels} not in /metrics")
+
+
+async def stats(http, s) -> dict:
+    return (await http.get(f"{s.url}/sim/stats")).json()
+
+
+async def wait_for_stats(http, s, timeout: float = 5.0, **want) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await stats(http, s)
+        if all(got[k] == v for k, v in want.items()) or time.monotonic() > deadline:
+            return got
+        await asyncio.sleep(0.02)
+
+
+async def raw_post(port: int, path: str, body: dict, headers: dict | None = None):
+    """POST over a bare socket; returns (head, HTTP chunks, saw terminating chunk)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    payload = json.dumps(body).encode()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: sim\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(payload)}\r\n{extra}\r\n".encode() + payload)
+    head, chunks, complete = await reader.readuntil(b"\r\n\r\n"), [], False
+    try:
+        while size_line := await reader.readline():
+            size = int(size_line.strip(), 16)
+            if size == 0:
+                complete = True
+                break
+            chunks.append((await reader.readexactly(size + 2))[:-2])
+    except asyncio.IncompleteReadError:
+        pass
+    writer.close()
+    return head, chunks, complete
+
+
+async def test_health_and_models(sim, http):
+    r = await http.get(f"{sim.url}/health")
+    assert (r.status_code, r.content) == (200, b"")
+    body = (await http.get(f"{sim.url}/v1/models")).json()
+    assert body["object"] == "list"
+    [card] = body["data"]
+    assert card | {"created": 0} == {"id": MODEL, "object": "model", "created": 0,
+                                     "owned_by": "vllm", "root": MODEL, "parent": None,
+                                     "max_model_len": 4096}
+    async with oai(sim) as client:
+        assert [m.id async for m in client.models.list()] == [MODEL]
+
+
+async def test_chat_non_stream(sim):
+    async with oai(sim) as client:
+        r = await client.chat.completions.create(model=MODEL, messages=CHAT["messages"],
+                                                 max_tokens=5)
+        assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
+        assert r.model == MODEL
+        assert r.choices[0].message.role == "assistant"
+        assert r.choices[0].message.content == simulator_text.completion_text(5)
+        assert len(r.choices[0].message.content.split()) == 5
+        assert r.choices[0].finish_reason == "length"
+        usage = r.usage
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (5, 5, 10)
+        # No limit: 16 tokens and a natural stop; max_completion_tokens wins over max_tokens.
+        r = await client.chat.completions.create(model=MODEL, messages=CHAT["messages"])
+        assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (16, "stop")
+        r = await client.chat.completions.create(model=MODEL, messages=CHAT["messages"],
+                                                 max_tokens=9, max_completion_tokens=3)
+        assert r.usage.completion_tokens == 3
+
+
+async def test_completion_non_stream(sim):
+    async with oai(sim) as client:
+        r = await client.completions.create(model=MODEL, prompt="one two three", max_tokens=4)
+        assert r.id.startswith("cmpl-") and r.object == "text_completion"
+        assert r.choices[0].text == simulator_text.completion_text(4)
+        assert r.choices[0].finish_reason == "length"
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (3, 4, 7)
+        r = await client.completions.create(model=MODEL, prompt="", max_tokens=1)
+        assert r.usage.prompt_tokens == 1  # never below one
+
+
+async def test_chat_stream_chunk_count(sim):
+    n = 7
+    async with oai(sim) as client:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=CHAT["messages"], max_tokens=n, stream=True,
+            stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+    role, content, usage = chunks[0], chunks[1:-1], chunks[-1]
+    assert len(chunks) == 1 + n + 1
+    assert role.choices[0].delta.role == "assistant" and role.choices[0].delta.content == ""
+    assert len(content) == n
+    assert "".join(c.choices[0].delta.content for c in content) == \
+        simulator_text.completion_text(n)
+    assert [c.choices[0].finish_reason for c in content] == [None] * (n - 1) + ["length"]
+    assert usage.choices == []
+    assert (usage.usage.prompt_tokens, usage.usage.completion_tokens) == (5, n)
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+
+
+async def test_completion_stream_without_usage(sim):
+    async with oai(sim) as client:
+        stream = await client.completions.create(model=MODEL, prompt="hi", max_tokens=3,
+                                                 stream=True)
+        chunks = [c async for c in stream]
+    assert [c.choices[0].text for c in chunks] == [simulator_text.token_text(i) for i in range(3)]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+async def test_every_sse_event_is_its_own_http_chunk(sim):
+    body = {**CHAT, "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}
+    head, chunks, complete = await raw_post(sim.port, "/v1/chat/completions", body)
+    assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
+    assert complete
+    assert all(c.startswith(b"data: ") and c.endswith(b"\n\n") and c.count(b"\n\n") == 1
+               for c in chunks)
+    assert len(chunks) == 1 + 4 + 1 + 1  # role, tokens, usage, [DONE]
+    assert chunks[-1] == b"data: [DONE]\n\n"
+
+
+async def test_errors_look_like_vllm(sim, http):
+    r = await http.post(f"{sim.url}/v1/chat/completions", content=b"{not json",
+                        headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert (err["type"], err["param"], err["code"]) == ("BadRequestError", None, 400)
+    assert err["message"]
+    r = await http.post(f"{sim.url}/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404
+    assert r.json()["error"] | {"message": "m"} == {"message": "m", "type": "NotFoundError",
+                                                    "param": None, "code": 404}
+    assert r.json()["error"]["message"] == "The model `nope` does not exist."
+    r = await http.post(f"{sim.url}/v1/chat/completions", json={**CHAT, "max_tokens": 0})
+    assert r.status_code == 400
+    r = await http.post(f"{sim.url}/v1/chat/completions", json={**CHAT, "max_tokens": 5000})
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
+    r = await http.post(f"{sim.url}/v1/chat/completions", json={"model": MODEL})
+    assert r.status_code == 400
+    r = await http.get(f"{sim.url}/v1/nothing-here")
+    assert (r.status_code, r.json()) == (404, {"detail": "Not Found"})
+    async with oai(sim) as client:
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(model="other", messages=CHAT["messages"])
+
+
+async def test_sim_status_and_delay(sim, http):
+    before = (await stats(http, sim))["requests_total"]
+    r = await http.post(f"{sim.url}/v1/chat/completions", json=CHAT,
+                        headers={"X-Sim-Status": "503"})
+    assert r.status_code == 503
+    assert r.json()["error"]["type"] == "ServiceUnavailableError"
+    assert r.json()["error"]["code"] == 503
+    async with oai(sim) as client:
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(model=MODEL, messages=CHAT["messages"],
+                                                 extra_headers={"X-Sim-Status": "429"})
+    r = await http.post(f"{sim.url}/v1/chat/completions", json=CHAT,
+                        headers={"X-Sim-Status": "banana"})
+    assert r.status_code == 400
+    assert (await stats(http, sim))["requests_total"] == before + 3
+    t0 = time.monotonic()
+    r = await http.post(f"{sim.url}/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                        headers={"X-Sim-Delay-Ms": "300", "X-Sim-Status": "500"})
+    assert r.status_code == 500 and time.monotonic() - t0 >= 0.3
+
+
+async def test_echo_headers_and_received_model(sim, http):
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    r = await http.post(f"{sim.url}/v1/chat/completions", json={**CHAT, "max_tokens": 1},
+                        headers={"X-Sim-Echo-Headers": "1", "traceparent": tp})
+    body = r.json()
+    assert body["received_model"] == MODEL
+    assert body["received_headers"]["traceparent"] == tp
+    r = await http.post(f"{sim.url}/v1/chat/completions", json={**CHAT, "max_tokens": 1})
+    assert "received_headers" not in r.json() and r.json()["received_model"] == MODEL
+
+
+async def test_break_after_closes_without_done(sim, http):
+    body = {**CHAT, "max_tokens": 10, "stream": True, "stream_options": {"include_usage": True}}
+    head, chunks, complete = await raw_post(sim.port, "/v1/chat/completions", body,
+                                            {"X-Sim-Break-After": "3"})
+    assert head.startswith(b"HTTP/1.1 200")
+    assert not complete
+    assert len(chunks) == 1 + 3 and all(b"[DONE]" not in c for c in chunks)
+    # httpx sees the same thing as a protocol error, after the events that did arrive.
+    events = []
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with http.stream("POST", f"{sim.url}/v1/completions",
+                               json={"prompt": "x", "max_tokens": 10, "stream": True},
+                               headers={"X-Sim-Break-After": "2"}) as r:
+            async for line in r.aiter_lines():
+                if line:
+                    events.append(line)
+    assert len(events) == 2
+    got = await wait_for_stats(http, sim, running=0)
+    assert got["running"] == 0
+
+
+async def test_embeddings(sim, http):
+    async with oai(sim) as client:  # the openai client asks for base64 by default
+        r = await client.embeddings.create(model=MODEL, input=["alpha beta", "gamma"])
+    assert [d.index for d in r.data] == [0, 1]
+    assert all(len(d.embedding) == simulator_text.EMBEDDING_DIM for d in r.data)
+    assert all(math.isclose(sum(x * x for x in d.embedding), 1.0, rel_tol=1e-5) for d in r.data)
+    assert r.data[0].embedding != r.data[1].embedding
+    assert r.usage.prompt_tokens == 3
+    floats = (await http.post(f"{sim.url}/v1/embeddings",
+                              json={"model": MODEL, "input": "alpha beta"})).json()
+    assert floats["object"] == "list" and floats["data"][0]["object"] == "embedding"
+    assert floats["data"][0]["embedding"] == pytest.approx(r.data[0].embedding, rel=1e-5)
+    r = await http.post(f"{sim.url}/v1/embeddings", json={"model": MODEL, "input": []})
+    assert r.status_code == 400
+
+
+async def test_tokenize(sim, http):
+    r = await http.post(f"{sim.url}/tokenize", json={"model": MODEL, "prompt": "a b a"})
+    body = r.json()
+    assert body["count"] == 3 and body["max_model_len"] == 4096
+    assert body["tokens"][0] == body["tokens"][2] != body["tokens"][1]
+
+
+async def test_metrics_count_tokens(slow_sim, http):
+    async with oai(slow_sim) as client:
+        await client.chat.completions.create(model=MODEL, messages=CHAT["messages"],
+                                             max_tokens=2)
+    text = (await http.get(f"{slow_sim.url}/metrics")).text
+    lbl = {"model_name": MODEL}
+    assert metric(text, "vllm:prompt_tokens_total", **lbl) == 5
+    assert metric(text, "vllm:generation_tokens_total", **lbl) == 2
+    assert metric(text, "vllm:request_success_total", finished_reason="length", **lbl) == 1
+    assert metric(text, "vllm:time_to_first_token_seconds_count", **lbl) == 1
+    assert metric(text, "vllm:time_to_first_token_seconds_sum", **lbl) >= 0.1
+    assert metric(text, "vllm:e2e_request_latency_seconds_sum", **lbl) >= 0.15
+    assert metric(text, "vllm:num_requests_running", **lbl) == 0
+
+
+async def test_ttft_and_itl_are_honoured(slow_sim, http):
+    t0 = time.monotonic()
+    arrivals = []
+    async with http.stream("POST", f"{slow_sim.url}/v1/completions",
+                           json={"prompt": "x", "max_tokens": 5, "stream": True}) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                arrivals.append(time.monotonic() - t0)
+    assert len(arrivals) == 5
+    assert arrivals[0] >= 0.1  # ttft
+    assert arrivals[-1] - arrivals[0] >= 4 * 0.05 * 0.9  # itl, minus timer slack
+
+
+async def test_max_num_seqs_queues_requests(http):
+    with start_simulator(MODEL, ttft_ms=400, itl_ms=0, max_num_seqs=1) as s:
+        async with oai(s) as client:
+            t0 = time.monotonic()
+            tasks = [asyncio.create_task(client.chat.completions.create(
+                model=MODEL, messages=CHAT["messages"], max_tokens=1)) for _ in range(3)]
+            waiting = running = kv = 0.0
+            while time.monotonic() - t0 < 1.0 and waiting == 0:
+                text = (await http.get(f"{s.url}/metrics")).text
+                waiting = metric(text, "vllm:num_requests_waiting", model_name=MODEL)
+                running = metric(text, "vllm:num_requests_running", model_name=MODEL)
+                kv = metric(text, "vllm:kv_cache_usage_perc", model_name=MODEL)
+                await asyncio.sleep(0.02)
+            assert waiting > 0 and running == 1 and kv == 1.0
+            # A queued stream still gets its response headers at once, as with vLLM.
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+            payload = json.dumps({**CHAT, "max_tokens": 1, "stream": True}).encode()
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: sim\r\nContent-Length: %d"
+                         b"\r\nContent-Type: application/json\r\n\r\n%b" % (len(payload), payload))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.3)
+            assert head.startswith(b"HTTP/1.1 200")
+            await asyncio.gather(*tasks)
+            assert time.monotonic() - t0 >= 3 * 0.4 * 0.9  # one at a time
+            writer.close()
+        got = await wait_for_stats(http, s, running=0, waiting=0)
+        assert (got["running"], got["waiting"]) == (0, 0)
+
+
+async def test_startup_s_delays_health():
+    with start_simulator(MODEL, startup_s=1.5, wait=False) as s:
+        t0 = time.monotonic()
+        first = None
+        async with httpx.AsyncClient(timeout=2, trust_env=False) as http:
+            while first is None and time.monotonic() - t0 < 15:
+                try:
+                    first = await http.get(f"{s.url}/health")
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+            assert first is not None and first.status_code == 503
+            assert (await http.get(f"{s.url}/v1/models")).status_code == 503
+        wait_http_ok(f"{s.url}/health", timeout=15)
+        assert time.monotonic() - t0 >= 1.0  # listening started a little before t0
+
+
+async def test_client_disconnect_counts_cancelled(slow_sim, http):
+    body = {**CHAT, "max_tokens": 100, "stream": True}
+    async with http.stream("POST", f"{slow_sim.url}/v1/chat/completions", json=body) as r:
+        seen = 0
+        async for line in r.aiter_lines():
+            seen += bool(line)
+            if seen == 3:
+                break  # leaving the block closes the connection mid-stream
+    got = await wait_for_stats(http, slow_sim, cancelled_total=1, running=0)
+    assert (got["cancelled_total"], got["running"]) == (1, 0)
+    with pytest.raises(httpx.TimeoutException):  # non-stream: give up during generation
+        await http.post(f"{slow_sim.url}/v1/chat/completions",
+                        json={**CHAT, "max_tokens": 100}, timeout=0.3)
+    got = await wait_for_stats(http, slow_sim, cancelled_total=2, running=0)
+    assert (got["cancelled_total"], got["running"], got["waiting"]) == (2, 0, 0)
+    text = (await http.get(f"{slow_sim.url}/metrics")).text
+    assert metric(text, "vllm:request_success_total", finished_reason="abort",
+                  model_name=MODEL) == 2
+
+
+def test_sigterm_exits_cleanly():
+    s = start_simulator(MODEL)
+    try:
+        t0 = time.monotonic()
+        assert s.stop() == 0, s.log()
+        assert time.monotonic() - t0 < 5
+    finally:
+        s.__exit__()
+
+
+def test_cli_rejects_negative_values(capsys):
+    parser = argparse.ArgumentParser(prog="sim")
+    simulator.add_arguments(parser)
+    args = parser.parse_args(["--port", "8000", "--served-model-name", "m", "--ttft-ms", "2.5"])
+    assert (args.port, args.ttft_ms, args.itl_ms, args.max_num_seqs) == (8000, 2.5, 5.0, 256)
+    for option, value in (("--ttft-ms", "-1"), ("--itl-ms", "-0.5"), ("--startup-s", "-3"),
+                          ("--max-num-seqs", "-2"), ("--max-num-seqs", "0"), ("--port", "0")):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["--port", "8000", "--served-model-name", "m", option, value])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert option in err and value in err, err
+
+
+def test_build_app_names_are_unique():
+    a, b = simulator.build_app("m"), simulator.build_app("m")
+    assert a.name != b.name
+    assert simulator.build_app("m", app_name="custom_sim").name == "custom_sim"
+
+
+def test_free_port_is_bindable():
+    assert 1024 <= free_port() <= 65535
