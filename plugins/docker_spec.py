@@ -315,8 +315,12 @@ def config_hash(model: Any, docker: Any) -> str:
 
 
 def labels_for(prefix: str, model_name: str, port: int, cfg_hash: str) -> dict[str, str]:
+    """The gateway's own labels, plus the conventional ``prometheus.io/*`` ones so a
+    Prometheus ``docker_sd_configs`` job can find vLLM's /metrics without the gateway."""
     return {f"{prefix}.managed": "true", f"{prefix}.model": model_name,
-            f"{prefix}.port": str(port), f"{prefix}.config": cfg_hash}
+            f"{prefix}.port": str(port), f"{prefix}.config": cfg_hash,
+            "prometheus.io/scrape": "true", "prometheus.io/port": str(port),
+            "prometheus.io/path": "/metrics"}
 
 
 def url_for(mode: str, name: str, port: int) -> str:

@@ -49,6 +49,9 @@ def test_default_vllm_command_image_volumes_labels_and_name():
     assert s.labels["gw.model"] == "llama"
     assert s.labels["gw.port"] == "41234"
     assert len(s.labels["gw.config"]) == 16
+    # docker_sd_configs can find vLLM's /metrics from these alone
+    assert s.labels["prometheus.io/scrape"] == "true"
+    assert s.labels["prometheus.io/port"] == "41234"
     assert s.network_mode == "host" and s.url == "http://127.0.0.1:41234"
     assert s.ipc_mode == "host" and s.shm_size is None
     assert s.device_requests == ({"Driver": "", "Count": -1, "DeviceIDs": [],
