@@ -70,6 +70,7 @@ def create_app(settings: Settings, extra_plugins: Iterable[tuple[str, object]] =
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 5
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.ctx.gateway = gw
+    app.ctx.serving = False
     app.blueprint(openai_api)
     app.blueprint(admin)
     _add_error_handlers(app, gw)
@@ -78,6 +79,16 @@ def create_app(settings: Settings, extra_plugins: Iterable[tuple[str, object]] =
     async def _start(app: Sanic) -> None:
         await gw.fleet.startup()
         await gw.hooks.each("startup", gateway=gw)
+
+    @app.after_server_start
+    async def _serving(app: Sanic) -> None:
+        # Sanic installs its SIGTERM handler only now: answering /health earlier would
+        # let a supervisor's early SIGTERM kill us without stopping the model servers.
+        app.ctx.serving = True
+
+    @app.before_server_stop
+    async def _draining(app: Sanic) -> None:
+        app.ctx.serving = False
 
     @app.after_server_stop
     async def _stop(app: Sanic) -> None:

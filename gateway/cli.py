@@ -55,11 +55,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from gateway.plugins import build_plugin_manager, list_plugins
+    from gateway.app import build_gateway
+    from gateway.plugins import list_plugins
 
     try:
-        settings, _ = _load(args.config)
-        pm = build_plugin_manager(settings.plugins.disabled, settings.plugins.load_entrypoints)
+        settings, source = _load(args.config)
+        pm = build_gateway(settings, source=source).hooks.pm  # exactly what serve would load
     except (ConfigError, PluginError) as exc:
         print(str(exc), file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ from gateway.config import Settings
 from gateway.drivers import configure_drivers
 from gateway.lifecycle import ModelRuntime, StartFailed
 from gateway.metrics import GatewayMetrics, ModelGauges
-from gateway.plugins import HookRunner
+from gateway.plugins import HookRunner, PluginError
 from gateway.types import BackendDriver, EvictionRequest
 from gateway.vram import FootprintStore
 
@@ -120,14 +120,23 @@ class Fleet:
     def gauges(self) -> Iterable[ModelGauges]:
         return [rt.gauges() for rt in self.runtimes.values()]
 
+    def _read_vram(self):
+        """The read_vram hook, failing open: a broken probe means "unknown", logged,
+        never a 500 on /metrics or a wedged start."""
+        try:
+            return self.hooks.first("read_vram")
+        except PluginError as exc:
+            log.warning("%s; treating GPU memory as unknown", exc)
+            return None
+
     def total_vram_mib(self) -> int | None:
         if self.settings.gpu.total_vram_mib:
             return self.settings.gpu.total_vram_mib
-        reading = self.hooks.first("read_vram")
+        reading = self._read_vram()
         return reading.total_mib if reading else None
 
     def used_vram_mib(self) -> int | None:
-        reading = self.hooks.first("read_vram")
+        reading = self._read_vram()
         return reading.used_mib if reading else None
 
     def footprint(self, rt: ModelRuntime) -> int:

@@ -164,6 +164,10 @@ class HookRunner:
         """First non-None answer of a sync decision hook; PluginError if one raises."""
         for impl in self._impls[hook]:
             result = self._call(hook, impl, kwargs)
+            if inspect.isawaitable(result):  # a plain def returning a coroutine slipped past
+                getattr(result, "close", lambda: None)()
+                raise PluginError(f"plugin {impl.plugin_name}: hook {hook} returned an awaitable; "
+                                  "decision hooks must answer synchronously")
             if result is not None:
                 return result
         return None

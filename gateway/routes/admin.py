@@ -15,6 +15,9 @@ admin = Blueprint("admin")
 
 @admin.get("/health")
 async def health(request: Request) -> HTTPResponse:
+    """Liveness: 200 once fully started, 503 while starting or shutting down."""
+    if not request.app.ctx.serving:
+        return json_response({"status": "starting"}, status=503)
     return json_response({"status": "ok"})
 
 
