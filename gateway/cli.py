@@ -33,9 +33,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("vllm_gateway").info("serving %d model(s) from %s on http://%s:%d",
                                            len(settings.models), source, settings.listen.host,
                                            settings.listen.port)
+    _tune_gc(app)
     app.run(host=settings.listen.host, port=settings.listen.port, single_process=True,
             access_log=False, motd=False)
     return 0
+
+
+def _tune_gc(app) -> None:
+    """Server-only GC tuning (measured in bench/README.md: about +7% req/s).
+
+    After start-up everything long-lived (modules, app, plugins, config) is frozen out
+    of the collector's view, and young-generation collections run less often: a proxy
+    allocates many short-lived objects and almost no cycles.
+    """
+    import gc
+
+    @app.after_server_start
+    async def _freeze(app) -> None:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

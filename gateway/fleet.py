@@ -149,7 +149,8 @@ class Fleet:
 
     def loaded(self, exclude: ModelRuntime | None = None) -> list[ModelRuntime]:
         return [rt for rt in self.runtimes.values()
-                if rt is not exclude and rt.manages_lifecycle and rt.state in ("starting", "ready")]
+                if rt is not exclude and rt.manages_lifecycle
+                and rt.state in ("starting", "ready", "stopping")]  # stopping still holds memory
 
     # --- starting ---------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,12 +19,14 @@ from sanic.request import Request
 from sanic.response import HTTPResponse
 
 from gateway.errors import error_response, sse_error_event
-from gateway.upstream import classify_error, forward_headers, response_headers
+from gateway.upstream import classify_error, forward_headers, read_raw, response_headers
 from gateway.types import RetrySettings, UpstreamOutcome
 
 if TYPE_CHECKING:
     from gateway.lifecycle import ModelRuntime
     from gateway.proxy import Gateway
+
+log = logging.getLogger("vllm_gateway.forward")
 
 
 @dataclass
@@ -94,11 +97,14 @@ class Forwarder:
                                       {"gen_ai.request.model": rt.name, "attempt": attempt,
                                        "server.address": url}, client=True):
                 self.gw.tracing.inject(headers)  # the model server's parent is this attempt
-                req = pool.client.build_request(ex.request.method, url + ex.path,
-                                                content=ex.body, headers=headers,
-                                                params=ex.request.query_string or None)
                 try:
-                    upstream = await pool.client.send(req, stream=True)
+                    upstream = await pool.request(ex.request.method, url + ex.path,
+                                                  content=ex.body, headers=headers,
+                                                  params=ex.request.query_string or None)
+                except UnicodeEncodeError:  # httpx sends ASCII header values only
+                    ex.status = 400
+                    return error_response(400, "request header values must be ASCII to be "
+                                          "forwarded", "invalid_header", ex.extra_headers)
                 except httpx.TransportError as exc:
                     kind = classify_error(exc)
                     metrics.upstream_errors.labels(rt.name, kind).inc()
@@ -118,11 +124,11 @@ class Forwarder:
                 await upstream.aclose()
             pool.in_use -= 1
             rt.url_in_flight[url] = rt.url_in_flight.get(url, 1) - 1
-            metrics.upstream_duration.labels(rt.name).observe(time.perf_counter() - sent)
+            self.gw.series(metrics.upstream_duration, rt.name).observe(time.perf_counter() - sent)
 
     async def _buffered(self, ex: Exchange, upstream: httpx.Response) -> HTTPResponse:
         try:
-            body = b"".join([chunk async for chunk in upstream.aiter_raw()])
+            body = await read_raw(upstream)
         except httpx.TransportError as exc:
             kind = classify_error(exc)
             self.gw.metrics.upstream_errors.labels(ex.runtime.name, kind).inc()
@@ -146,7 +152,8 @@ class Forwarder:
         try:
             async for chunk in upstream.aiter_raw():
                 if first:
-                    self.gw.metrics.ttft.labels(ex.runtime.name).observe(time.perf_counter() - ex.started)
+                    self.gw.series(self.gw.metrics.ttft, ex.runtime.name).observe(
+                        time.perf_counter() - ex.started)
                     first = False
                 if b'"prompt_tokens"' in chunk:
                     ex.usage = _usage_from_sse(chunk) or ex.usage
@@ -154,9 +161,18 @@ class Forwarder:
         except httpx.TransportError as exc:
             kind = classify_error(exc)
             self.gw.metrics.upstream_errors.labels(ex.runtime.name, kind).inc()
-            self.gw.metrics.stream_errors.labels(ex.runtime.name).inc()
-            ex.status = 502
-            await response.send(sse_error_event(f"upstream stream broke off: {kind}", "upstream_error"))
+            await self._end_broken_stream(ex, response, f"upstream stream broke off: {kind}")
+            return
+        except Exception as exc:  # never leave a client hanging on a half-sent stream
+            log.exception("stream for %s failed", ex.runtime.name)
+            await self._end_broken_stream(ex, response, f"gateway error: {type(exc).__name__}")
+            return
+        await response.eof()
+
+    async def _end_broken_stream(self, ex: Exchange, response: Any, message: str) -> None:
+        self.gw.metrics.stream_errors.labels(ex.runtime.name).inc()
+        ex.status = 502
+        await response.send(sse_error_event(message, "upstream_error"))
         await response.eof()
 
     def _unavailable(self, ex: Exchange, message: str) -> HTTPResponse:
@@ -173,10 +189,20 @@ class _RetryableFailure(Exception):
         self.response = response
 
 
+_DECODER = json.JSONDecoder()
+
+
 def _usage(body: bytes) -> dict[str, Any]:
+    """The ``usage`` object of a completion body, decoded alone: parsing a whole multi-MB
+    embeddings response would stall the event loop for every other request."""
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return {}
+    colon = body.find(b":", at + 7)
     try:
-        usage = json.loads(body).get("usage")
-    except (ValueError, AttributeError):
+        text = body[colon + 1:].decode("utf-8", "replace").lstrip()
+        usage, _ = _DECODER.raw_decode(text)
+    except ValueError:
         return {}
     return usage if isinstance(usage, dict) else {}
 

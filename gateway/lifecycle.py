@@ -8,6 +8,7 @@ every request that needs the model awaits that same transition.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,9 @@ from gateway.upstream import UpstreamPool
 
 if TYPE_CHECKING:
     from gateway.fleet import Fleet
+
+
+log = logging.getLogger("vllm_gateway.lifecycle")
 
 
 class StartFailed(Exception):
@@ -101,8 +105,11 @@ class ModelRuntime:
         while True:
             if not await self.driver.is_running(self.cfg, server):
                 tail = await self.driver.logs_tail(self.cfg, server)
-                raise StartFailed(f"model {self.name!r}: server exited during start-up"
-                                  + (f"; last log lines:\n{tail}" if tail else ""))
+                if tail:
+                    log.error("model %s: server exited during start-up; last log lines:\n%s",
+                              self.name, tail.rstrip())
+                raise StartFailed(f"model {self.name!r}: server exited during start-up "
+                                  "(its last log lines are in the gateway log)")
             try:
                 resp = await client.get(base + path, timeout=min(5.0, interval_s * 4 + 1))
                 if resp.status_code == 200:

@@ -39,6 +39,15 @@ class Gateway:
         self.tracing = tracing
         self.forwarder = Forwarder(self)
         self._admission_hooks = hooks.has_impls("admit_request")
+        self._series: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def series(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per label set: ``labels()`` checks its
+        arguments and takes a lock on every call. Label values are bounded (metrics.py)."""
+        child = self._series.get((metric, labels))
+        if child is None:
+            child = self._series[(metric, labels)] = metric.labels(*labels)
+        return child
 
     async def handle(self, request: Request, path: str) -> HTTPResponse | None:
         started = time.perf_counter()
@@ -70,26 +79,27 @@ class Gateway:
             status = CLIENT_CLOSED
             raise
         finally:
-            self.metrics.requests.labels(model_label, endpoint, str(status)).inc()
-            self.metrics.request_duration.labels(model_label, endpoint).observe(
+            self.series(self.metrics.requests, model_label, endpoint, str(status)).inc()
+            self.series(self.metrics.request_duration, model_label, endpoint).observe(
                 time.perf_counter() - started)
 
     async def _serve(self, request: Request, path: str, rt: ModelRuntime,
                      payload: dict[str, Any]) -> tuple[HTTPResponse | None, int]:
-        info = RequestInfo(model=rt.name, path=path, method=request.method,
-                           headers=request.headers, body=payload,
-                           client_ip=request.remote_addr or request.ip,
-                           stream=payload.get("stream") is True)
-        rejected = await self._admit(info, rt)
-        if rejected is not None:
-            return rejected, rejected.status
+        stream = payload.get("stream") is True
+        if self._admission_hooks:  # the snapshot is for hooks: skip building it without any
+            info = RequestInfo(model=rt.name, path=path, method=request.method,
+                               headers=request.headers, body=payload,
+                               client_ip=request.remote_addr or request.ip, stream=stream)
+            rejected = await self._admit(info, rt)
+            if rejected is not None:
+                return rejected, rejected.status
         body = request.body
         if rt.served_model_name and payload.get("model") != rt.served_model_name:
             body = json.dumps({**payload, "model": rt.served_model_name}).encode()
-        ex = Exchange(request, rt, path, body, info.stream, {}, time.perf_counter())
+        ex = Exchange(request, rt, path, body, stream, {}, time.perf_counter())
         try:
             async with rt.admission.slot() as waited:
-                self.metrics.queue_wait.labels(rt.name).observe(waited)
+                self.series(self.metrics.queue_wait, rt.name).observe(waited)
                 self.tracing.event("gateway.queue_wait", {"wait_s": waited})
                 ex.extra_headers = self.queue_headers(rt)
                 response = await self._forward(ex)
@@ -170,7 +180,7 @@ class Gateway:
         for key, kind in (("prompt_tokens", "input"), ("completion_tokens", "output")):
             value = usage.get(key)
             if isinstance(value, int) and value > 0:
-                self.metrics.tokens.labels(name, kind).inc(value)
+                self.series(self.metrics.tokens, name, kind).inc(value)
         self.tracing.set_attributes({"gen_ai.usage.input_tokens": usage.get("prompt_tokens") or 0,
                                      "gen_ai.usage.output_tokens": usage.get("completion_tokens") or 0})
 
