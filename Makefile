@@ -24,6 +24,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run_bench.py
 
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
 dashboards: $(STAMP)
 	$(BIN)/python dashboards/generate.py
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import httpx
 

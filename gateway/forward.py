@@ -19,8 +19,8 @@ from sanic.request import Request
 from sanic.response import HTTPResponse
 
 from gateway.errors import error_response, sse_error_event
-from gateway.upstream import classify_error, forward_headers, read_raw, response_headers
 from gateway.types import RetrySettings, UpstreamOutcome
+from gateway.upstream import classify_error, forward_headers, read_raw, response_headers
 
 if TYPE_CHECKING:
     from gateway.lifecycle import ModelRuntime
@@ -34,7 +34,7 @@ class Exchange:
     """One client request on its way through the gateway."""
 
     request: Request
-    runtime: "ModelRuntime"
+    runtime: ModelRuntime
     path: str
     body: bytes
     stream: bool
@@ -45,7 +45,7 @@ class Exchange:
 
 
 class Forwarder:
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         up = gw.settings.upstream
         self.retry_settings = RetrySettings(up.retries, up.backoff_s, up.backoff_multiplier)

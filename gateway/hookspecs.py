@@ -15,8 +15,17 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from gateway.types import (EvictionRequest, ModelView, Register, Rejection, RequestInfo,
-                               RetryDecision, RetrySettings, UpstreamOutcome, VramReading)
+    from gateway.types import (
+        EvictionRequest,
+        ModelView,
+        Register,
+        Rejection,
+        RequestInfo,
+        RetryDecision,
+        RetrySettings,
+        UpstreamOutcome,
+        VramReading,
+    )
 
 PROJECT = "vllm_gateway"
 hookspec = pluggy.HookspecMarker(PROJECT)

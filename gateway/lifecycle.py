@@ -55,7 +55,7 @@ class ModelRuntime:
     def manages_lifecycle(self) -> bool:
         return bool(getattr(self.driver, "manages_lifecycle", True))
 
-    async def ensure_ready(self, fleet: "Fleet") -> None:
+    async def ensure_ready(self, fleet: Fleet) -> None:
         """Return once the model serves; start it (once, shared) if needed.
 
         A pending transition is awaited even while the state still reads "ready": a stop

@@ -8,11 +8,11 @@ never named a valid model, so a client cannot create series.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 MIB = 1024 * 1024
@@ -59,54 +59,54 @@ class _StateCollector(Collector):
         self._vram_total = vram_total_mib
         self._vram_used = vram_used_mib
 
-    def collect(self):  # noqa: C901 - one family each, flat on purpose
+    def collect(self):
         rows = list(self._rows())
-        fam = {
-            "queue": GaugeMetricFamily("gateway_queue_depth", "Requests waiting for a slot.", labels=["model"]),
-            "inflight": GaugeMetricFamily("gateway_requests_in_flight", "Requests holding a concurrency slot.", labels=["model"]),
-            "maxc": GaugeMetricFamily("gateway_max_concurrent", "Configured concurrency limit.", labels=["model"]),
-            "maxq": GaugeMetricFamily("gateway_max_queue", "Configured queue bound.", labels=["model"]),
-            "drift": GaugeMetricFamily("gateway_admission_drift", "admitted - finished - waiting - in flight; must be 0.", labels=["model"]),
-            "state": GaugeMetricFamily("gateway_model_state", "1 for the model's current lifecycle state.", labels=["model", "backend", "state"]),
-            "psize": GaugeMetricFamily("gateway_upstream_pool_size", "Upstream connection pool size.", labels=["model"]),
-            "puse": GaugeMetricFamily("gateway_upstream_pool_in_use", "Upstream connections in use.", labels=["model"]),
-            "vram": GaugeMetricFamily("gateway_vram_reserved_bytes", "GPU memory reserved for a loaded model.", labels=["model"]),
-        }
-        admitted = _counter("gateway_admission_admitted", "Requests that entered a model's queue or slot.")
-        finished = _counter("gateway_admission_finished", "Requests that left a model's queue or slot.")
-        anomalies = _counter("gateway_admission_anomalies", "Negative or impossible admission counts observed.")
+        for name, doc, value in PER_MODEL_GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["model"])
+            for r in rows:
+                family.add_metric([r.model], value(r))
+            yield family
+        for name, doc, value in PER_MODEL_COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=["model"])
+            for r in rows:
+                family.add_metric([r.model], value(r))
+            yield family
+        state = GaugeMetricFamily("gateway_model_state", "1 for the model's current lifecycle state.",
+                                  labels=["model", "backend", "state"])
         for r in rows:
-            m = [r.model]
-            fam["queue"].add_metric(m, r.waiting)
-            fam["inflight"].add_metric(m, r.in_flight)
-            fam["maxc"].add_metric(m, r.max_concurrent)
-            fam["maxq"].add_metric(m, r.max_queue)
-            fam["drift"].add_metric(m, r.drift)
             for s in MODEL_STATES:
-                fam["state"].add_metric([r.model, r.backend, s], 1.0 if r.state == s else 0.0)
-            fam["psize"].add_metric(m, r.pool_size)
-            fam["puse"].add_metric(m, r.pool_in_use)
-            fam["vram"].add_metric(m, r.vram_reserved_mib * MIB)
-            admitted.add_metric(m, r.admitted_total)
-            finished.add_metric(m, r.finished_total)
-            anomalies.add_metric(m, r.anomalies_total)
-        yield from fam.values()
-        yield from (admitted, finished, anomalies)
-        total = self._vram_total()
-        if total is not None:
-            g = GaugeMetricFamily("gateway_vram_total_bytes", "GPU memory the gateway may use.")
-            g.add_metric([], total * MIB)
-            yield g
-        used = self._vram_used()
-        if used is not None:
-            g = GaugeMetricFamily("gateway_vram_used_bytes", "GPU memory in use (NVML or read_vram hook).")
-            g.add_metric([], used * MIB)
-            yield g
+                state.add_metric([r.model, r.backend, s], 1.0 if r.state == s else 0.0)
+        yield state
+        for name, doc, read in (
+                ("gateway_vram_total_bytes", "GPU memory the gateway may use.", self._vram_total),
+                ("gateway_vram_used_bytes", "GPU memory in use (NVML or read_vram hook).",
+                 self._vram_used)):
+            mib = read()
+            if mib is not None:
+                yield GaugeMetricFamily(name, doc, value=mib * MIB)
 
 
-def _counter(name: str, doc: str):
-    from prometheus_client.core import CounterMetricFamily
-    return CounterMetricFamily(name, doc, labels=["model"])
+# (name, help, value from a ModelGauges row): each read from its owner at scrape time.
+PER_MODEL_GAUGES: tuple[tuple[str, str, Callable[[ModelGauges], float]], ...] = (
+    ("gateway_queue_depth", "Requests waiting for a slot.", lambda r: r.waiting),
+    ("gateway_requests_in_flight", "Requests holding a concurrency slot.", lambda r: r.in_flight),
+    ("gateway_max_concurrent", "Configured concurrency limit.", lambda r: r.max_concurrent),
+    ("gateway_max_queue", "Configured queue bound.", lambda r: r.max_queue),
+    ("gateway_admission_drift", "admitted - finished - waiting - in flight; must be 0.",
+     lambda r: r.drift),
+    ("gateway_upstream_pool_size", "Upstream connection pool size.", lambda r: r.pool_size),
+    ("gateway_upstream_pool_in_use", "Upstream connections in use.", lambda r: r.pool_in_use),
+    ("gateway_vram_reserved_bytes", "GPU memory reserved for a loaded model.",
+     lambda r: r.vram_reserved_mib * MIB),
+)
+PER_MODEL_COUNTERS: tuple[tuple[str, str, Callable[[ModelGauges], float]], ...] = (
+    ("gateway_admission_admitted", "Requests that entered a model's queue or slot.",
+     lambda r: r.admitted_total),
+    ("gateway_admission_finished", "Requests that left a model's queue or slot.",
+     lambda r: r.finished_total),
+    ("gateway_admission_anomalies", "Negative or impossible admission counts observed.",
+     lambda r: r.anomalies_total),
+)
 
 
 class GatewayMetrics:

@@ -41,8 +41,14 @@ import time
 import uuid
 from time import monotonic
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client import generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from sanic import Request, Sanic
 from sanic.exceptions import MethodNotAllowed, NotFound
 from sanic.response import HTTPResponse

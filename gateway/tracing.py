@@ -9,7 +9,8 @@ into the request to the model server.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 _NULL = contextlib.nullcontext()
 

@@ -5,8 +5,9 @@ gateway's state by accident: the one owner of each count stays the one writer.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 ModelState = Literal["stopped", "starting", "ready", "stopping"]
 ErrorKind = Literal["connect", "timeout", "pool_timeout", "read", "protocol", "http_5xx", "http_4xx"]

@@ -23,11 +23,13 @@ import concurrent.futures
 import logging
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+from vllm_gateway_plugins import docker_spec as spec_mod
 
 from gateway.hookspecs import hookimpl
 from gateway.types import RunningServer
-from vllm_gateway_plugins import docker_spec as spec_mod
 
 log = logging.getLogger("vllm_gateway.docker")
 
@@ -101,7 +103,7 @@ class DockerDriver:
         fut = loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
         try:
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DockerUnavailable(f"Docker daemon at {docker_host()} did not answer within "
                                     f"{timeout:g}s ({what})") from None
         except Exception as exc:
@@ -183,7 +185,7 @@ class DockerDriver:
         fut = loop.run_in_executor(self._executor, lambda: container.stop(timeout=grace))
         try:
             await asyncio.wait_for(fut, API_TIMEOUT_S + grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DockerUnavailable(f"Docker daemon at {docker_host()} did not stop container "
                                     f"{container.name} within {API_TIMEOUT_S + grace:g}s") from None
         except Exception as exc:

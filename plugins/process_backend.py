@@ -72,7 +72,7 @@ class ProcessDriver:
             _signal_group(proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 _signal_group(proc.pid, signal.SIGKILL)
                 await proc.wait()
         else:

@@ -6,7 +6,8 @@ object registered directly); everything else runs the gateway as a subprocess.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 from gateway.app import create_app
 from gateway.config import load_settings

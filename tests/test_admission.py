@@ -10,7 +10,8 @@ import asyncio
 import itertools
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.admission import ModelAdmission, QueueFull, QueueTimeout
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from helpers import free_port, gateway_env, start_gateway
 
 CLI_TIMEOUT_S = 30

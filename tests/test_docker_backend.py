@@ -18,7 +18,6 @@ import io
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -33,6 +32,11 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+
+try:
+    from tests.helpers import terminate
+except ImportError:  # tests/ itself on sys.path
+    from helpers import terminate
 
 try:
     from tests.tools import REQUIRE_ENV
@@ -61,7 +65,7 @@ def _docker_client():
 def docker_client():
     try:
         client = _docker_client()
-    except Exception as exc:  # noqa: BLE001 - any failure means "no daemon here"
+    except Exception as exc:
         reason = f"Docker daemon not available: {type(exc).__name__}: {exc}"
         if os.environ.get(REQUIRE_ENV) == "1":
             pytest.fail(f"{reason}; required because {REQUIRE_ENV}=1")
@@ -101,7 +105,7 @@ def _remove_labelled(client, prefix: str) -> None:
     for c in _labelled(client, prefix):
         try:
             c.remove(force=True)
-        except Exception:  # noqa: BLE001 - gone already
+        except Exception:
             pass
 
 
@@ -186,7 +190,7 @@ class GatewayProc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_up(self, timeout: float = 30) -> "GatewayProc":
+    def wait_up(self, timeout: float = 30) -> GatewayProc:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -224,13 +228,7 @@ class GatewayProc:
         return 0.0
 
     def stop(self, timeout: float = 30) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
         self.http.close()
         return self.proc.returncode
 

@@ -13,14 +13,13 @@ from types import SimpleNamespace
 
 import docker.errors
 import pytest
+from vllm_gateway_plugins import docker_backend
+from vllm_gateway_plugins import docker_spec as ds
+from vllm_gateway_plugins.docker_backend import DockerBackendError, DockerDriver, DockerUnavailable
 
 from gateway.app import build_gateway
 from gateway.config import ConfigError, Docker, ModelConfig, Settings, load_settings
 from gateway.vram import FootprintStore
-from vllm_gateway_plugins import docker_backend
-from vllm_gateway_plugins import docker_spec as ds
-from vllm_gateway_plugins.docker_backend import (DockerBackendError, DockerDriver,
-                                                 DockerUnavailable)
 
 
 def model(**kw) -> ModelConfig:

@@ -19,9 +19,8 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from openai import AsyncOpenAI
-
 from helpers import pid_alive, pids_matching, sim_command, start_gateway, wait_until
+from openai import AsyncOpenAI
 
 CHAT = [{"role": "user", "content": "hi"}]
 FAST = ("--ttft-ms", "5", "--itl-ms", "1")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from helpers import REPO, start_gateway, start_simulator
 from tools import require_tool
 

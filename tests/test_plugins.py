@@ -19,7 +19,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from helpers import start_simulator
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import hookimpl
@@ -27,18 +30,22 @@ from gateway.app import build_gateway
 from gateway.config import ConfigError, load_settings
 from gateway.drivers import collect_drivers
 from gateway.hookspecs import ASYNC_CAPABLE_HOOKS, SYNC_ONLY_HOOKS
-from gateway.plugins import (DEFAULT_PLUGINS, HookRunner, PluginError, build_plugin_manager,
-                             list_plugins)
-from gateway.types import EvictionRequest, ModelView, RequestInfo, Rejection, VramReading
-from helpers import start_simulator
+from gateway.plugins import (
+    DEFAULT_PLUGINS,
+    HookRunner,
+    PluginError,
+    build_plugin_manager,
+    list_plugins,
+)
+from gateway.types import EvictionRequest, ModelView, Rejection, RequestInfo, VramReading
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 if str(FIXTURES) not in sys.path:
     sys.path.insert(0, str(FIXTURES))
 
-from gwtest_process import run_cli, start_gateway  # noqa: E402
-from gwtest_plugins import evict_biggest  # noqa: E402
-from vllm_gateway_plugins import lru_eviction  # noqa: E402
+from gwtest_plugins import evict_biggest
+from gwtest_process import run_cli, start_gateway
+from vllm_gateway_plugins import lru_eviction
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
 SIM_CMD = [sys.executable, "-m", "gateway.simulator", "--port", "{port}",

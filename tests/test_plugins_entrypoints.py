@@ -15,17 +15,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import start_simulator
 
 from gateway.app import build_gateway
 from gateway.config import load_settings
 from gateway.plugins import build_plugin_manager, list_plugins
-from helpers import start_simulator
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 if str(FIXTURES) not in sys.path:
     sys.path.insert(0, str(FIXTURES))
 
-from gwtest_process import run_cli, start_gateway  # noqa: E402
+from gwtest_process import run_cli, start_gateway
 
 PACKAGE = Path(__file__).resolve().parent / "plugin_pkgs" / "gw_example_plugin"
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

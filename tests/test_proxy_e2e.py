@@ -16,10 +16,15 @@ import time
 import httpx
 import openai
 import pytest
+from helpers import (
+    free_port,
+    metric_samples,
+    sim_command,
+    start_gateway,
+    start_simulator,
+    wait_until,
+)
 from openai import AsyncOpenAI, OpenAI
-
-from helpers import (free_port, metric_samples, sim_command, start_gateway, start_simulator,
-                     wait_until)
 
 SIM = "sim-a"  # the fast simulator's served name
 SLOW = "slow"  # a simulator whose first token takes SLOW_TTFT_MS

@@ -14,11 +14,11 @@ import time
 import httpx
 import openai
 import pytest
+from helpers import free_port, start_simulator, wait_http_ok
 from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import simulator, simulator_text
-from helpers import free_port, start_simulator, wait_http_ok
 
 MODEL = "sim-model"
 CHAT = {"model": MODEL, "messages": [{"role": "system", "content": "be brief"},
