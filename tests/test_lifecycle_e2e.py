@@ -406,3 +406,36 @@ def test_response_timeout_does_not_kill_slow_cold_start(tmp_path):
         assert queued.status_code == 200, queued.text
         assert waited > 1.5  # queued behind the cold start for longer than Sanic's limit
         assert gw.metric("gateway_backend_starts_total", model=name, result="success") == 1
+
+
+def test_max_models_running_from_seed_env_evicts_lru_and_spares_pinned(tmp_path):
+    """GATEWAY_MAX_MODELS_CONCURRENT=2 caps running models whatever VRAM says; the
+    pinned model is never the victim, so the least recently used other one is."""
+    keep, a, b = unique("pinned"), unique("a"), unique("b")
+    cfg = config(process_model(keep, pinned=True), process_model(a), process_model(b),
+                 gpu={"min_residency_s": 0, "load_timeout_s": 15})
+    with start_gateway(cfg, tmp_path, env={"GATEWAY_MAX_MODELS_CONCURRENT": "2"}) as gw:
+        assert chat(gw, keep).status_code == 200
+        assert chat(gw, a).status_code == 200
+        assert chat(gw, keep).status_code == 200  # a is now the least recently used
+        assert chat(gw, b).status_code == 200
+        states = {m: state(gw, m) for m in (keep, a, b)}
+        assert states == {keep: "ready", a: "stopped", b: "ready"}, states
+        assert gw.metric("gateway_evictions_total", model=a, reason="max_models") == 1
+        assert gw.metric("gateway_evictions_total", model=keep) == 0
+        assert model_pids(gw, a) == []
+
+
+def test_no_room_while_everything_is_pinned_is_a_clear_503(tmp_path):
+    keep, other = unique("pinned"), unique("other")
+    cfg = config(process_model(keep, pinned=True), process_model(other),
+                 max_models_running=1, gpu={"min_residency_s": 0, "load_timeout_s": 1})
+    with start_gateway(cfg, tmp_path) as gw:
+        assert chat(gw, keep).status_code == 200
+        resp = chat(gw, other)
+        assert resp.status_code == 503
+        err = resp.json()["error"]
+        assert err["code"] == "model_unavailable" and "no room" in err["message"]
+        assert resp.headers["Retry-After"]
+        assert state(gw, keep) == "ready" and state(gw, other) == "stopped"
+        assert gw.status()["models"][other]["drift"] == 0
