@@ -374,23 +374,26 @@ STATE_MAPPINGS = [{"type": "value", "options": {
     "0": {"text": "stopped", "color": "transparent", "index": 0},
     "1": {"text": "starting", "color": "yellow", "index": 1},
     "2": {"text": "ready", "color": "green", "index": 2},
-    "3": {"text": "stopping", "color": "orange", "index": 3}}}]
+    "3": {"text": "stopping", "color": "orange", "index": 3},
+    "4": {"text": "sleeping", "color": "blue", "index": 4}}}]
 
 
 def lifecycle() -> dict:
     st = "gateway_model_state"
     state_expr = (f'sum by (model) ({st}{{{M},state="starting"}})'
                   f' + 2 * sum by (model) ({st}{{{M},state="ready"}})'
-                  f' + 3 * sum by (model) ({st}{{{M},state="stopping"}})')
+                  f' + 3 * sum by (model) ({st}{{{M},state="stopping"}})'
+                  f' + 4 * sum by (model) ({st}{{{M},state="sleeping"}})')
     return dashboard("vllm-gateway-lifecycle", "vLLM gateway / Model lifecycle",
                      "Model server starts, stops, evictions, state and VRAM reservations.", [
         sized(state_timeline("Model state",
                              "Each model's lifecycle state from gateway_model_state "
-                             "(stopped / starting / ready / stopping).",
+                             "(stopped / starting / ready / stopping / sleeping).",
                              targets((state_expr, "{{model}}")), STATE_MAPPINGS), 24, 8),
         timeseries("Starts by result",
                    "Model server starts per interval (gateway_backend_starts_total) by "
-                   "result: success, failure, adopted (found running at gateway start).",
+                   "result: success, failure, adopted (found running at gateway start), "
+                   "woken (a sleeping vLLM woken instead of a cold start).",
                    targets((f"sum by (model, result) (increase(gateway_backend_starts_total{{{M}}}[{RI}]))",
                             "{{model}} {{result}}")),
                    bars=True),

@@ -65,6 +65,7 @@ class Gpu(_Strict):
     release_timeout_s: float = Field(60, ge=0, le=3600)
     min_residency_s: float = Field(30, ge=0, le=DAY_S)
     load_timeout_s: float = Field(1800, gt=0, le=DAY_S)  # how long a request waits for room
+    sleep_residual_mib: int = Field(1024, ge=0, le=1_000_000)  # held by a sleeping vLLM
 
 
 class Docker(_Strict):
@@ -115,6 +116,8 @@ class ModelConfig(_Strict):
     # placement
     vram_mib: int | None = Field(None, ge=1, le=10_000_000)
     pinned: bool = False
+    sleep_mode: bool = False  # vLLM --enable-sleep-mode: evict by sleeping, wake in seconds
+    sleep_level: int = Field(1, ge=1, le=2)
     # per-model overrides
     max_concurrent: int | None = Field(None, ge=1, le=MAX_CONCURRENT_CAP)
     max_queue: int | None = Field(None, ge=0, le=MAX_QUEUE_CAP)

@@ -20,7 +20,7 @@ from gateway.drivers import configure_drivers
 from gateway.lifecycle import ModelRuntime, StartFailed
 from gateway.metrics import GatewayMetrics, ModelGauges
 from gateway.plugins import HookRunner, PluginError
-from gateway.types import BackendDriver, EvictionRequest
+from gateway.types import BackendDriver, Eviction, EvictionRequest
 from gateway.vram import FootprintStore
 
 log = logging.getLogger("vllm_gateway.fleet")
@@ -150,14 +150,16 @@ class Fleet:
     def loaded(self, exclude: ModelRuntime | None = None) -> list[ModelRuntime]:
         return [rt for rt in self.runtimes.values()
                 if rt is not exclude and rt.manages_lifecycle
-                and rt.state in ("starting", "ready", "stopping")]  # stopping still holds memory
+                and rt.state in ("starting", "ready", "stopping", "sleeping")]  # all hold memory
 
     # --- starting ---------------------------------------------------------------------
 
     async def start(self, rt: ModelRuntime) -> None:
-        """The start transition: make room, launch, wait healthy, learn the footprint."""
+        """The start transition: make room, then launch and wait healthy (learning the
+        footprint), or wake a sleeping vLLM."""
         started = time.monotonic()
-        server = None
+        asleep = rt.server if rt.state == "sleeping" else None
+        server = asleep
         try:
             async with self._placement:
                 # Only now is it "starting": a model still waiting for the lock holds no
@@ -165,20 +167,21 @@ class Fleet:
                 rt.mark_starting()
                 rt.vram_mib = self.footprint(rt)
                 await self._make_room(rt)
-                used_before = self.used_vram_mib()
-                server = await rt.driver.start(rt.cfg, free_port())
-                up = self.settings.upstream
-                assert self._health_client is not None
-                await rt.wait_healthy(server, self.settings.start_timeout(rt.cfg),
-                                      up.health_interval_s, self._health_client)
-                self._learn_footprint(rt, used_before)
-            rt.mark_ready(server, time.monotonic() - started)
-            self.metrics.backend_starts.labels(rt.name, "success").inc()
-            self.metrics.start_duration.labels(rt.name).observe(time.monotonic() - started)
-            log.info("model %s ready in %.1fs at %s", rt.name, time.monotonic() - started, server.url)
+                if asleep is not None:
+                    await self._post(rt, asleep, "/wake_up")
+                else:
+                    server = await self._launch(rt)
+            took = time.monotonic() - started
+            rt.mark_ready(server, rt.reload_cost_s if asleep else took)
+            self.metrics.backend_starts.labels(rt.name, "woken" if asleep else "success").inc()
+            if asleep is None:
+                self.metrics.start_duration.labels(rt.name).observe(took)
+            log.info("model %s %s in %.1fs at %s", rt.name, "woken" if asleep else "ready", took,
+                     server.url)
         except BaseException as exc:
             message = str(exc) if isinstance(exc, StartFailed) else (
                 f"model {rt.name!r}: start failed: {type(exc).__name__}: {exc}")
+            server = server or rt.server
             if server is not None:
                 await asyncio.shield(self._stop_server(rt, server))
                 self.metrics.stops.labels(rt.name, "failed_start").inc()
@@ -190,6 +193,26 @@ class Fleet:
             raise StartFailed(message) from None
         finally:
             rt.transition = None
+
+    async def _launch(self, rt: ModelRuntime):
+        used_before = self.used_vram_mib()
+        server = await rt.driver.start(rt.cfg, free_port())
+        rt.server = server  # so a failure below stops it
+        assert self._health_client is not None
+        await rt.wait_healthy(server, self.settings.start_timeout(rt.cfg),
+                              self.settings.upstream.health_interval_s, self._health_client)
+        self._learn_footprint(rt, used_before)
+        return server
+
+    async def _post(self, rt: ModelRuntime, server, path: str) -> None:
+        """vLLM's sleep-mode endpoints (served with VLLM_SERVER_DEV_MODE=1)."""
+        assert self._health_client is not None
+        try:
+            resp = await self._health_client.post(server.url.rstrip("/") + path, timeout=120)
+        except httpx.HTTPError as exc:
+            raise StartFailed(f"model {rt.name!r}: POST {path} failed: {exc}") from None
+        if resp.status_code >= 400:
+            raise StartFailed(f"model {rt.name!r}: POST {path} answered {resp.status_code}")
 
     def _learn_footprint(self, rt: ModelRuntime, used_before: int | None) -> None:
         if rt.cfg.vram_mib or used_before is None:
@@ -204,16 +227,18 @@ class Fleet:
         return EvictionRequest(
             target=rt.view(), loaded=tuple(m.view() for m in loaded),
             total_vram_mib=self.total_vram_mib() or 0,
-            reserved_vram_mib=sum(m.vram_mib for m in loaded),
+            reserved_vram_mib=sum(m.reserved_mib() for m in loaded),
             max_models_running=self.settings.max_models_running,
-            min_residency_s=self.settings.gpu.min_residency_s, now=time.monotonic())
+            min_residency_s=self.settings.gpu.min_residency_s, now=time.monotonic(),
+            sleep_residual_mib=self.settings.gpu.sleep_residual_mib)
 
     @staticmethod
     def _shortfall(req: EvictionRequest) -> str | None:
         """Why the target does not fit now ("vram" / "max_models"), or None if it does."""
         if req.total_vram_mib and req.reserved_vram_mib + req.target.vram_mib > req.total_vram_mib:
             return "vram"
-        if req.max_models_running is not None and len(req.loaded) + 1 > req.max_models_running:
+        awake = sum(1 for m in req.loaded if m.state != "sleeping")  # the cap counts servers working
+        if req.max_models_running is not None and awake + 1 > req.max_models_running:
             return "max_models"
         return None
 
@@ -231,25 +256,41 @@ class Fleet:
                 return
             victims = self._valid_victims(self.hooks.first("select_evictions", request=req) or ())
             if victims:
-                freed = sum(v.vram_mib for v in victims)
-                used_before = self.used_vram_mib()
-                for victim in victims:
-                    if not self.may_stop(victim):  # busy again while an earlier victim stopped
-                        freed -= victim.vram_mib
-                        continue
-                    self.metrics.evictions.labels(victim.name, reason).inc()
-                    await self.stop_model(victim, "eviction")
-                await self._wait_released(used_before, freed)
+                await self._evict(victims, reason)
                 continue
             if time.monotonic() >= deadline:
                 raise StartFailed(f"model {rt.name!r}: no room after {self.settings.gpu.load_timeout_s:g}s "
                                   f"({reason}); loaded models are busy or pinned")
             await asyncio.sleep(0.2)
 
-    def _valid_victims(self, names: Iterable[str]) -> list[ModelRuntime]:
-        """The core's guard on any policy: only idle, unpinned, ready models are stopped."""
-        found = (self.runtimes.get(name) for name in names)
-        return [rt for rt in found if rt is not None and not rt.cfg.pinned and self.may_stop(rt)]
+    def _valid_victims(self, answer: Iterable[str | Eviction]) -> list[tuple[ModelRuntime, str]]:
+        """The core's guard on any policy: only idle, unpinned, loaded models are evicted,
+        and only an awake ``sleep_mode`` model is put to sleep."""
+        out = []
+        for item in answer:
+            name, action = (item, "stop") if isinstance(item, str) else (item.model, item.action)
+            rt = self.runtimes.get(name)
+            if rt is None or rt.cfg.pinned or not self.may_stop(rt):
+                continue
+            if action == "sleep" and not (rt.cfg.sleep_mode and rt.state == "ready"):
+                continue
+            out.append((rt, "sleep" if action == "sleep" else "stop"))
+        return out
+
+    async def _evict(self, victims: list[tuple[ModelRuntime, str]], reason: str) -> None:
+        used_before = self.used_vram_mib()
+        freed = 0
+        for victim, action in victims:
+            if not self.may_stop(victim):  # busy again while an earlier victim stopped
+                continue
+            before = victim.reserved_mib()
+            self.metrics.evictions.labels(victim.name, reason).inc()
+            if action == "sleep":
+                await self.sleep_model(victim)
+            else:
+                await self.stop_model(victim, "eviction")
+            freed += before - victim.reserved_mib()
+        await self._wait_released(used_before, freed)
 
     async def _wait_released(self, used_before: int | None, freed_mib: int) -> None:
         """Drivers lag: wait until NVML shows the victims' memory gone (bounded)."""
@@ -303,12 +344,34 @@ class Fleet:
         await asyncio.shield(rt.transition)
 
     def may_stop(self, rt: ModelRuntime) -> bool:
-        return (rt.state == "ready" and rt.manages_lifecycle and not rt.admission.busy
-                and rt.transition is None)
+        return (rt.state in ("ready", "sleeping") and rt.manages_lifecycle
+                and not rt.admission.busy and rt.transition is None)
+
+    async def sleep_model(self, rt: ModelRuntime) -> None:
+        """Put vLLM to sleep as the model's transition; if it won't sleep, stop it."""
+        server = rt.server
+
+        async def transition() -> None:
+            try:
+                await self._post(rt, server, f"/sleep?level={rt.cfg.sleep_level}")
+                pool = rt.mark_sleeping()
+                if pool is not None:
+                    await pool.aclose()
+                log.info("model %s asleep (level %d)", rt.name, rt.cfg.sleep_level)
+            except StartFailed as exc:
+                log.warning("%s; stopping it instead", exc)
+                await self._stop_now(rt, "eviction")
+            finally:
+                rt.transition = None
+
+        if server is None or rt.transition is not None:
+            return
+        rt.transition = asyncio.create_task(transition(), name=f"sleep:{rt.name}")
+        await asyncio.shield(rt.transition)
 
     async def mark_crashed(self, rt: ModelRuntime) -> None:
         """A ready model's server is gone: drop it so the next request restarts it."""
-        if rt.state == "ready" and rt.transition is None:
+        if rt.state in ("ready", "sleeping") and rt.transition is None:
             log.warning("model %s: server is no longer running", rt.name)
             rt.last_error = "server exited unexpectedly"
             await self.stop_model(rt, "crash")
@@ -326,7 +389,7 @@ class Fleet:
     async def _sweep(self, check_crashes: bool) -> None:
         now = time.monotonic()
         for rt in list(self.runtimes.values()):
-            if rt.state != "ready" or not rt.manages_lifecycle:
+            if rt.state not in ("ready", "sleeping") or not rt.manages_lifecycle:
                 continue
             idle_s = self.settings.idle_timeout(rt.cfg)
             if idle_s > 0 and self.may_stop(rt) and now - rt.admission.last_used >= idle_s:

@@ -16,6 +16,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from gateway.types import (
+        Eviction,
         EvictionRequest,
         ModelView,
         Register,
@@ -87,14 +88,16 @@ def select_backend(request: RequestInfo, model: ModelView, candidates: Sequence[
 
 
 @hookspec(firstresult=True)
-def select_evictions(request: EvictionRequest) -> Sequence[str] | None:
-    """Name the loaded models to stop so ``request.target`` fits.
+def select_evictions(request: EvictionRequest) -> Sequence[str | Eviction] | None:
+    """Name the loaded models to evict so ``request.target`` fits.
 
-    Return model names (the core stops them and never stops a busy or pinned model
-    even if named), an empty list for "nothing can be evicted now: wait", or None for
-    no opinion. Built-in (trylast): least-recently-used idle models past their
-    minimum residency, cheapest reload first among equally old ones.
-    Stops at first non-None; sync only.
+    Return model names or ``Eviction(model, action)`` items: a name means stop; action
+    ``sleep`` puts a ``sleep_mode`` model's vLLM to sleep (it keeps
+    ``request.sleep_residual_mib``). The core carries them out and never touches a busy
+    or pinned model even if named. An empty list means "nothing can be evicted now:
+    wait"; None means no opinion. Built-in (trylast): least-recently-used idle models
+    past their minimum residency, sleeping those that can, cheapest reload first among
+    equally old ones. Stops at first non-None; sync only.
     """
 
 

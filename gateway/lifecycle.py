@@ -87,6 +87,21 @@ class ModelRuntime:
         pool, self.pool = self.pool, None
         return pool
 
+    def mark_sleeping(self) -> UpstreamPool | None:
+        """vLLM is asleep: its server stays, its GPU memory (all but a residual) is free.
+        Returns the pool for the caller to close; waking builds a fresh one."""
+        self.state = "sleeping"
+        pool, self.pool = self.pool, None
+        return pool
+
+    def reserved_mib(self) -> int:
+        """GPU memory this model holds now, as placement counts it."""
+        if self.state == "stopped":
+            return 0
+        if self.state == "sleeping":
+            return min(self.vram_mib, self.settings.gpu.sleep_residual_mib)
+        return self.vram_mib
+
     def mark_stopped(self, error: str = "") -> None:
         self.state = "stopped"
         self.server = None
@@ -131,6 +146,7 @@ class ModelRuntime:
                          max_concurrent=a.max_concurrent, max_queue=a.max_queue,
                          last_used=a.last_used, loaded_since=self.loaded_since,
                          vram_mib=self.vram_mib, pinned=self.cfg.pinned,
+                         reserved_mib=self.reserved_mib(), sleep_mode=self.cfg.sleep_mode,
                          reload_cost_s=self.reload_cost_s, urls=self.urls)
 
     def gauges(self) -> ModelGauges:
@@ -143,7 +159,7 @@ class ModelRuntime:
                            anomalies_total=a.anomalies_total,
                            pool_size=pool.size if pool else 0,
                            pool_in_use=pool.connections_in_use if pool else 0,
-                           vram_reserved_mib=self.vram_mib if self.state != "stopped" else 0)
+                           vram_reserved_mib=self.reserved_mib())
 
     def status(self) -> dict[str, Any]:
         a = self.admission
@@ -152,7 +168,7 @@ class ModelRuntime:
                 "in_flight": a.in_flight, "max_concurrent": a.max_concurrent,
                 "max_queue": a.max_queue, "last_used": last_used,
                 "idle_timeout_s": self.settings.idle_timeout(self.cfg),
-                "urls": list(self.urls), "vram_mib": self.vram_mib if self.state != "stopped" else 0,
+                "urls": list(self.urls), "vram_mib": self.reserved_mib(),
                 "pinned": self.cfg.pinned, "last_error": self.last_error or None,
                 "admitted_total": a.admitted_total, "finished_total": a.finished_total,
                 "rejected_total": a.rejected_total, "drift": a.drift()}

@@ -19,11 +19,11 @@ MIB = 1024 * 1024
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
                    60, 120, 300, 600)
 START_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
-MODEL_STATES = ("stopped", "starting", "ready", "stopping")
+MODEL_STATES = ("stopped", "starting", "ready", "stopping", "sleeping")
 REJECTION_REASONS = ("queue_full", "queue_timeout", "admission", "auth", "rate_limit", "too_large",
                      "bad_request", "unknown_model")
 ERROR_KINDS = ("connect", "timeout", "pool_timeout", "read", "protocol", "http_5xx")
-START_RESULTS = ("success", "failure", "adopted")
+START_RESULTS = ("success", "failure", "adopted", "woken")
 STOP_REASONS = ("idle", "eviction", "crash", "shutdown", "failed_start")
 EVICTION_REASONS = ("vram", "max_models")
 

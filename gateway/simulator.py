@@ -54,6 +54,7 @@ from sanic.exceptions import MethodNotAllowed, NotFound
 from sanic.response import HTTPResponse
 
 from gateway import simulator_text as st
+from gateway.simulator_sleep import add_sleep_routes
 
 UNGATED = ("/health", "/metrics", "/sim/stats")
 
@@ -205,13 +206,14 @@ async def _stream(request: Request, sim: SimState, p: dict, chat: bool, rid: str
 
 def build_app(served_model_name: str, ttft_ms: float = 20, itl_ms: float = 5,
               startup_s: float = 0, max_num_seqs: int = 256,
-              app_name: str | None = None) -> Sanic:
+              app_name: str | None = None, enable_sleep_mode: bool = False) -> Sanic:
     """Build a simulator app serving ``served_model_name`` (unique Sanic name per call)."""
     app = Sanic(app_name or f"sim_{uuid.uuid4().hex}")
     app.config.RESPONSE_TIMEOUT = 24 * 3600  # Sanic's 60 s would cut long queues/streams
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 1.0
     app.config.FALLBACK_ERROR_FORMAT = "json"
     sim = app.ctx.sim = SimState(served_model_name, ttft_ms, itl_ms, startup_s, max_num_seqs)
+    sleep = add_sleep_routes(app) if enable_sleep_mode else None
 
     @app.before_server_start
     async def _started(_app):
@@ -278,8 +280,12 @@ def build_app(served_model_name: str, ttft_ms: float = 20, itl_ms: float = 5,
 
     @app.get("/sim/stats")
     async def stats(_request):
-        return _json({"requests_total": sim.requests_total, "running": sim.running,
-                      "waiting": sim.waiting, "cancelled_total": sim.cancelled_total})
+        stats = {"requests_total": sim.requests_total, "running": sim.running,
+                 "waiting": sim.waiting, "cancelled_total": sim.cancelled_total}
+        if sleep is not None:
+            stats.update(sleeping=sleep.sleeping, sleeps_total=sleep.sleeps_total,
+                         wakes_total=sleep.wakes_total)
+        return _json(stats)
 
     @app.exception(st.SimError)
     async def refused(_request, exc):
@@ -300,14 +306,16 @@ def build_app(served_model_name: str, ttft_ms: float = 20, itl_ms: float = 5,
 
 
 def run(port: int, served_model_name: str, host: str = "127.0.0.1", ttft_ms: float = 20,
-        itl_ms: float = 5, startup_s: float = 0, max_num_seqs: int = 256) -> None:
+        itl_ms: float = 5, startup_s: float = 0, max_num_seqs: int = 256,
+        enable_sleep_mode: bool = False) -> None:
     """Serve the simulator in this one process until SIGTERM/SIGINT, then exit cleanly.
 
     Sanic answers requests a moment before it installs its own SIGTERM/SIGINT handlers
     (after_server_start runs after that), so /health stays 503 until then (a healthy
     simulator always stops gracefully) and a signal during startup just ends the process.
     """
-    app = build_app(served_model_name, ttft_ms, itl_ms, startup_s, max_num_seqs)
+    app = build_app(served_model_name, ttft_ms, itl_ms, startup_s, max_num_seqs,
+                    enable_sleep_mode=enable_sleep_mode)
     sim: SimState = app.ctx.sim
     sim.serving = False
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -335,12 +343,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds /health answers 503 after start (default %(default)s)")
     parser.add_argument("--max-num-seqs", type=st.arg_number(int, 1), default=256,
                         help="requests generating at once; the rest wait (default %(default)s)")
+    parser.add_argument("--enable-sleep-mode", action="store_true",
+                        help="serve vLLM's /sleep, /wake_up and /is_sleeping")
 
 
 def main_from_args(args: argparse.Namespace) -> None:
     run(port=args.port, served_model_name=args.served_model_name, host=args.host,
         ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, startup_s=args.startup_s,
-        max_num_seqs=args.max_num_seqs)
+        max_num_seqs=args.max_num_seqs, enable_sleep_mode=args.enable_sleep_mode)
 
 
 def main(argv: list[str] | None = None) -> None:

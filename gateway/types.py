@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-ModelState = Literal["stopped", "starting", "ready", "stopping"]
+ModelState = Literal["stopped", "starting", "ready", "stopping", "sleeping"]
 ErrorKind = Literal["connect", "timeout", "pool_timeout", "read", "protocol", "http_5xx", "http_4xx"]
 
 
@@ -26,10 +26,17 @@ class ModelView:
     max_queue: int
     last_used: float  # time.monotonic() of the last request start or finish; 0 if never
     loaded_since: float  # time.monotonic() when it became ready; 0 if not loaded
-    vram_mib: int  # footprint the gateway reserves for it (configured, learned or estimated)
+    vram_mib: int  # its footprint when awake (configured, learned or estimated)
     pinned: bool = False
     reload_cost_s: float = 0.0  # how long its last start took; eviction prefers cheap reloads
     urls: tuple[str, ...] = ()
+    reserved_mib: int | None = None  # held now (the residual when asleep); None = vram_mib
+    sleep_mode: bool = False  # vLLM sleep mode: can be put to sleep instead of stopped
+
+    @property
+    def held_mib(self) -> int:
+        """GPU memory it holds now, as placement counts it."""
+        return self.vram_mib if self.reserved_mib is None else self.reserved_mib
 
     @property
     def busy(self) -> bool:
@@ -85,6 +92,15 @@ class RetrySettings:
 
 
 @dataclass(frozen=True)
+class Eviction:
+    """One eviction decision: ``stop`` the server, or put vLLM to ``sleep`` (weights
+    offloaded, GPU memory freed but for a residual; wakes in seconds, not minutes)."""
+
+    model: str
+    action: Literal["stop", "sleep"] = "stop"
+
+
+@dataclass(frozen=True)
 class EvictionRequest:
     """Everything the eviction policy needs: pure data, no handles."""
 
@@ -95,6 +111,7 @@ class EvictionRequest:
     max_models_running: int | None
     min_residency_s: float
     now: float  # time.monotonic()
+    sleep_residual_mib: int = 0  # what a sleeping vLLM still holds
 
 
 @dataclass(frozen=True)

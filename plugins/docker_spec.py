@@ -307,7 +307,7 @@ def config_hash(model: Any, docker: Any) -> str:
     """What the container was built from, minus the port and secrets: a changed config
     is not adopted."""
     keys = ("name", "model", "image", "args", "command", "gpus", "network", "volumes", "env",
-            "gguf_file", "mem_limit", "cpus", "served_model_name", "shm_size")
+            "gguf_file", "mem_limit", "cpus", "served_model_name", "shm_size", "sleep_mode")
     data = {k: getattr(model, k, None) for k in keys}
     data["_docker"] = {"image": docker.image, "vllm_port": docker.vllm_port,
                        "hf_cache": docker.hf_cache, "network": docker.network}
@@ -350,7 +350,11 @@ def build_spec(model: Any, docker: Any, port: int, *, network: str | None = None
     else:
         command = ("--model", model_ref, "--served-model-name", served,
                    "--port", str(listen_port), "--host", "0.0.0.0", *map(str, model.args))
+        if getattr(model, "sleep_mode", False) and "--enable-sleep-mode" not in command:
+            command += ("--enable-sleep-mode",)
     env = dict(model.env)
+    if getattr(model, "sleep_mode", False):
+        env.setdefault("VLLM_SERVER_DEV_MODE", "1")  # vLLM serves /sleep and /wake_up only then
     if docker.hf_token:
         env.setdefault("HF_TOKEN", docker.hf_token)
     volumes = []

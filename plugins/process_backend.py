@@ -42,6 +42,8 @@ class ProcessDriver:
             return ["command: required for backend process (a list: [program, arg, ...])"]
         if not any("{port}" in part for part in model.command):
             return ["command: must contain {port} so the gateway can choose the server's port"]
+        if model.sleep_mode and "--enable-sleep-mode" not in model.command:
+            return ["sleep_mode: the command must pass --enable-sleep-mode"]
         return []
 
     async def start(self, model: Any, port: int) -> RunningServer:
@@ -51,6 +53,8 @@ class ProcessDriver:
         log = tempfile.NamedTemporaryFile(prefix=f"vllm-gateway-{_safe(model.name)}-",
                                           suffix=".log", delete=False)
         env = {**os.environ, **model.env}
+        if model.sleep_mode:  # vLLM serves /sleep and /wake_up only in dev mode
+            env.setdefault("VLLM_SERVER_DEV_MODE", "1")
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,

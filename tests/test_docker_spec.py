@@ -541,3 +541,12 @@ def test_footprints_persist_and_write_atomically(tmp_path, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == ["fp.json"]
     store.learn("c", 0)  # nonsense is not learned
     assert "c" not in store.as_dict()
+
+
+def test_sleep_mode_adds_vllm_flag_and_dev_mode_env():
+    s = ds.build_spec(model(sleep_mode=True), dock(), 41234)
+    assert s.command[-1] == "--enable-sleep-mode"
+    assert s.environment["VLLM_SERVER_DEV_MODE"] == "1"
+    plain = ds.build_spec(model(), dock(), 41234)
+    assert "--enable-sleep-mode" not in plain.command
+    assert "VLLM_SERVER_DEV_MODE" not in plain.environment

@@ -439,3 +439,32 @@ def test_no_room_while_everything_is_pinned_is_a_clear_503(tmp_path):
         assert resp.headers["Retry-After"]
         assert state(gw, keep) == "ready" and state(gw, other) == "stopped"
         assert gw.status()["models"][other]["drift"] == 0
+
+
+def test_sleep_mode_evicts_by_sleeping_and_wakes_without_a_cold_start(tmp_path):
+    """Two sleep-mode models that don't fit together: the idle one is put to sleep (its
+    process stays), and asking for it again wakes that same process."""
+    a, b = unique("sleepy-a"), unique("sleepy-b")
+    models = [process_model(n, "--enable-sleep-mode", vram_mib=60, sleep_mode=True) for n in (a, b)]
+    cfg = config(*models, gpu={"total_vram_mib": 100, "min_residency_s": 0, "load_timeout_s": 15,
+                               "sleep_residual_mib": 10})
+    with start_gateway(cfg, tmp_path) as gw:
+        assert chat(gw, a).status_code == 200
+        [a_pid] = model_pids(gw, a)
+        assert chat(gw, b).status_code == 200
+        status = gw.status()["models"]
+        assert status[a]["state"] == "sleeping" and status[b]["state"] == "ready"
+        assert status[a]["vram_mib"] == 10  # only the residual stays reserved
+        assert model_pids(gw, a) == [a_pid]  # asleep, not stopped
+        assert gw.metric("gateway_evictions_total", model=a, reason="vram") == 1
+
+        assert chat(gw, a).status_code == 200  # wakes a; b goes to sleep
+        status = gw.status()["models"]
+        assert status[a]["state"] == "ready" and status[b]["state"] == "sleeping"
+        assert model_pids(gw, a) == [a_pid]  # the same server: no cold start
+        assert gw.metric("gateway_backend_starts_total", model=a, result="woken") == 1
+        assert gw.metric("gateway_backend_starts_total", model=a, result="success") == 1
+        sim_url = status[a]["urls"][0]
+        stats = httpx.get(f"{sim_url}/sim/stats", trust_env=False).json()
+        assert stats["sleeps_total"] == 1 and stats["wakes_total"] == 1
+        assert all(m["drift"] == 0 and m["in_flight"] == 0 for m in status.values())

@@ -527,7 +527,8 @@ def test_core_never_stops_pinned_or_busy_models_even_if_named():
         rt.state = "ready"
     gw.fleet.get("busy").admission._in_flight = 1
     names = gw.hooks.first("select_evictions", request=None)
-    assert [rt.name for rt in gw.fleet._valid_victims(names)] == ["idle"]
+    assert [(rt.name, action) for rt, action in gw.fleet._valid_victims(names)] == [
+        ("idle", "stop")]
 
 
 # --- read_vram -----------------------------------------------------------------------
@@ -750,3 +751,23 @@ def test_request_info_and_vram_reading_are_frozen():
     with pytest.raises(AttributeError):
         VramReading(1, 0).total_mib = 2  # type: ignore[misc]
 
+
+
+def test_lru_sleeps_sleep_mode_models_and_stops_only_when_sleep_is_not_enough():
+    from dataclasses import replace
+
+    from gateway.types import Eviction
+
+    old = replace(mv("old", last_used=1, vram=50), sleep_mode=True)
+    new = mv("new", last_used=9, vram=40)
+    fits_by_sleeping = replace(eviction([old, new], target_vram=45),
+                               sleep_residual_mib=5)  # 90 - 50 + 5 + 45 = 95 <= 100
+    assert lru_eviction.select_evictions(fits_by_sleeping) == [Eviction("old", "sleep")]
+    # a residual so large that sleeping "old" frees too little (110 > 100): stopping it
+    # alone makes room, which beats sleeping it and stopping "new" as well
+    too_big_residual = replace(fits_by_sleeping, sleep_residual_mib=20)
+    assert lru_eviction.select_evictions(too_big_residual) == ["old"]
+    # an already sleeping model only holds its residual and can only be stopped
+    asleep = replace(old, state="sleeping", reserved_mib=5)
+    req = replace(eviction([asleep, new], target_vram=60), reserved_vram_mib=45)
+    assert lru_eviction.select_evictions(req) == ["old"]
