@@ -54,7 +54,7 @@ def build_gateway(settings: Settings, extra_plugins: Iterable[tuple[str, object]
     for hook, plugin in hooks.implementations():
         metrics.plugin_errors.labels(hook, plugin)  # born at 0: the first error is visible
     fleet = Fleet(settings, hooks, drivers, metrics)
-    metrics.attach_state(fleet.gauges, fleet.total_vram_mib, fleet.used_vram_mib)
+    metrics.attach_state(fleet.gauges, fleet.gpu.total_mib, fleet.gpu.used_mib)
     for name in fleet.runtimes:
         metrics.init_model(name)
     tracing = Tracing(settings.tracing.otlp_endpoint, settings.tracing.service_name, span_exporter)

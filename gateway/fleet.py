@@ -19,9 +19,9 @@ from gateway.config import Settings
 from gateway.drivers import configure_drivers
 from gateway.lifecycle import ModelRuntime, StartFailed
 from gateway.metrics import GatewayMetrics, ModelGauges
-from gateway.plugins import HookRunner, PluginError
+from gateway.plugins import HookRunner
 from gateway.types import BackendDriver, Eviction, EvictionRequest
-from gateway.vram import FootprintStore
+from gateway.vram import GpuBudget, shortfall
 
 log = logging.getLogger("vllm_gateway.fleet")
 SWEEP_INTERVAL_S = 1.0
@@ -43,7 +43,7 @@ class Fleet:
         configure_drivers(settings, drivers)  # idempotent; check_models did it already
         self.runtimes = {m.name: ModelRuntime(m, settings, drivers[m.backend])
                          for m in settings.models}
-        self.footprints = FootprintStore(settings.gpu.footprints_file)
+        self.gpu = GpuBudget(settings, hooks)
         self._placement = asyncio.Lock()
         self._health_client: httpx.AsyncClient | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -79,7 +79,7 @@ class Fleet:
                         "of adopting it", rt.name, adopted.url)
             await self._stop_server(rt, adopted)
             return
-        rt.vram_mib = self.footprint(rt)
+        rt.vram_mib = self.gpu.footprint(rt.cfg)
         rt.mark_ready(adopted, 0.0)
         # The idle clock starts at adoption; last_used 0 would make it idle at once.
         rt.admission.last_used = time.monotonic()
@@ -120,33 +120,6 @@ class Fleet:
     def gauges(self) -> Iterable[ModelGauges]:
         return [rt.gauges() for rt in self.runtimes.values()]
 
-    def _read_vram(self):
-        """The read_vram hook, failing open: a broken probe means "unknown", logged,
-        never a 500 on /metrics or a wedged start."""
-        try:
-            return self.hooks.first("read_vram")
-        except PluginError as exc:
-            log.warning("%s; treating GPU memory as unknown", exc)
-            return None
-
-    def total_vram_mib(self) -> int | None:
-        if self.settings.gpu.total_vram_mib:
-            return self.settings.gpu.total_vram_mib
-        reading = self._read_vram()
-        return reading.total_mib if reading else None
-
-    def used_vram_mib(self) -> int | None:
-        reading = self._read_vram()
-        return reading.used_mib if reading else None
-
-    def footprint(self, rt: ModelRuntime) -> int:
-        """Configured, else learned, else estimated; 0 when there is no GPU budget at all."""
-        if rt.cfg.vram_mib:
-            return rt.cfg.vram_mib
-        if self.total_vram_mib() is None:
-            return 0
-        return self.footprints.get(rt.name) or self.settings.gpu.estimate_mib
-
     def loaded(self, exclude: ModelRuntime | None = None) -> list[ModelRuntime]:
         return [rt for rt in self.runtimes.values()
                 if rt is not exclude and rt.manages_lifecycle
@@ -165,7 +138,7 @@ class Fleet:
                 # Only now is it "starting": a model still waiting for the lock holds no
                 # memory, and counting it as loaded would block the start that holds the lock.
                 rt.mark_starting()
-                rt.vram_mib = self.footprint(rt)
+                rt.vram_mib = self.gpu.footprint(rt.cfg)
                 await self._make_room(rt)
                 if asleep is not None:
                     await self._post(rt, asleep, "/wake_up")
@@ -195,13 +168,13 @@ class Fleet:
             rt.transition = None
 
     async def _launch(self, rt: ModelRuntime):
-        used_before = self.used_vram_mib()
+        used_before = self.gpu.used_mib()
         server = await rt.driver.start(rt.cfg, free_port())
         rt.server = server  # so a failure below stops it
         assert self._health_client is not None
         await rt.wait_healthy(server, self.settings.start_timeout(rt.cfg),
                               self.settings.upstream.health_interval_s, self._health_client)
-        self._learn_footprint(rt, used_before)
+        self.gpu.learn(rt, used_before)
         return server
 
     async def _post(self, rt: ModelRuntime, server, path: str) -> None:
@@ -214,44 +187,26 @@ class Fleet:
         if resp.status_code >= 400:
             raise StartFailed(f"model {rt.name!r}: POST {path} answered {resp.status_code}")
 
-    def _learn_footprint(self, rt: ModelRuntime, used_before: int | None) -> None:
-        if rt.cfg.vram_mib or used_before is None:
-            return
-        used_after = self.used_vram_mib()
-        if used_after is not None and used_after > used_before:
-            rt.vram_mib = used_after - used_before
-            self.footprints.learn(rt.name, rt.vram_mib)
-
     def _eviction_request(self, rt: ModelRuntime) -> EvictionRequest:
         loaded = self.loaded(exclude=rt)
         return EvictionRequest(
             target=rt.view(), loaded=tuple(m.view() for m in loaded),
-            total_vram_mib=self.total_vram_mib() or 0,
+            total_vram_mib=self.gpu.total_mib() or 0,
             reserved_vram_mib=sum(m.reserved_mib() for m in loaded),
             max_models_running=self.settings.max_models_running,
             min_residency_s=self.settings.gpu.min_residency_s, now=time.monotonic(),
             sleep_residual_mib=self.settings.gpu.sleep_residual_mib)
 
-    @staticmethod
-    def _shortfall(req: EvictionRequest) -> str | None:
-        """Why the target does not fit now ("vram" / "max_models"), or None if it does."""
-        if req.total_vram_mib and req.reserved_vram_mib + req.target.vram_mib > req.total_vram_mib:
-            return "vram"
-        awake = sum(1 for m in req.loaded if m.state != "sleeping")  # the cap counts servers working
-        if req.max_models_running is not None and awake + 1 > req.max_models_running:
-            return "max_models"
-        return None
-
     async def _make_room(self, rt: ModelRuntime) -> None:
         """Evict until ``rt`` fits; wait (bounded) while every candidate is busy."""
-        total = self.total_vram_mib()
+        total = self.gpu.total_mib()
         if total and rt.vram_mib > total:
             raise StartFailed(f"model {rt.name!r} needs {rt.vram_mib} MiB but the GPU budget is "
                               f"{total} MiB (gpu.total_vram_mib / vram_mib)")
         deadline = time.monotonic() + self.settings.gpu.load_timeout_s
         while True:
             req = self._eviction_request(rt)
-            reason = self._shortfall(req)
+            reason = shortfall(req)
             if reason is None:
                 return
             victims = self._valid_victims(self.hooks.first("select_evictions", request=req) or ())
@@ -278,7 +233,7 @@ class Fleet:
         return out
 
     async def _evict(self, victims: list[tuple[ModelRuntime, str]], reason: str) -> None:
-        used_before = self.used_vram_mib()
+        used_before = self.gpu.used_mib()
         freed = 0
         for victim, action in victims:
             if not self.may_stop(victim):  # busy again while an earlier victim stopped
@@ -299,12 +254,12 @@ class Fleet:
         deadline = time.monotonic() + self.settings.gpu.release_timeout_s
         target = used_before - int(freed_mib * 0.9)
         while time.monotonic() < deadline:
-            used = self.used_vram_mib()
+            used = self.gpu.used_mib()
             if used is None or used <= target:
                 return
             await asyncio.sleep(0.25)
         log.warning("GPU memory not released after %.0fs (used %s MiB, expected <= %s)",
-                    self.settings.gpu.release_timeout_s, self.used_vram_mib(), target)
+                    self.settings.gpu.release_timeout_s, self.gpu.used_mib(), target)
 
     # --- stopping ---------------------------------------------------------------------
 

@@ -12,6 +12,15 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gateway.plugins import PluginError
+
+if TYPE_CHECKING:
+    from gateway.config import ModelConfig, Settings
+    from gateway.lifecycle import ModelRuntime
+    from gateway.plugins import HookRunner
+    from gateway.types import EvictionRequest, VramReading
 
 log = logging.getLogger("vllm_gateway.vram")
 
@@ -66,3 +75,61 @@ class FootprintStore:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self._learned)
+
+
+class GpuBudget:
+    """What the GPU has and what each model needs: the numbers placement decides by.
+
+    Readings come from the ``read_vram`` hook (NVML built in) and fail open: a broken
+    probe means "unknown", logged, never a 500 on /metrics or a wedged start.
+    """
+
+    def __init__(self, settings: Settings, hooks: HookRunner) -> None:
+        self.settings = settings
+        self.hooks = hooks
+        self.footprints = FootprintStore(settings.gpu.footprints_file)
+
+    def _reading(self) -> VramReading | None:
+        try:
+            return self.hooks.first("read_vram")
+        except PluginError as exc:
+            log.warning("%s; treating GPU memory as unknown", exc)
+            return None
+
+    def total_mib(self) -> int | None:
+        if self.settings.gpu.total_vram_mib:
+            return self.settings.gpu.total_vram_mib
+        reading = self._reading()
+        return reading.total_mib if reading else None
+
+    def used_mib(self) -> int | None:
+        reading = self._reading()
+        return reading.used_mib if reading else None
+
+    def footprint(self, cfg: ModelConfig) -> int:
+        """Configured, else learned, else estimated; 0 when there is no GPU budget at all."""
+        if cfg.vram_mib:
+            return cfg.vram_mib
+        if self.total_mib() is None:
+            return 0
+        return self.footprints.get(cfg.name) or self.settings.gpu.estimate_mib
+
+    def learn(self, rt: ModelRuntime, used_before: int | None) -> None:
+        """Record what a start took: used memory after it became healthy minus before."""
+        if rt.cfg.vram_mib or used_before is None:
+            return
+        used_after = self.used_mib()
+        if used_after is not None and used_after > used_before:
+            rt.vram_mib = used_after - used_before
+            self.footprints.learn(rt.name, rt.vram_mib)
+
+
+def shortfall(req: EvictionRequest) -> str | None:
+    """Why the target does not fit now ("vram" / "max_models"), or None if it does.
+    The running cap counts servers at work, so sleeping models are left out of it."""
+    if req.total_vram_mib and req.reserved_vram_mib + req.target.vram_mib > req.total_vram_mib:
+        return "vram"
+    awake = sum(1 for m in req.loaded if m.state != "sleeping")
+    if req.max_models_running is not None and awake + 1 > req.max_models_running:
+        return "max_models"
+    return None

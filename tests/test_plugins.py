@@ -544,12 +544,12 @@ def test_hook_read_vram(shared):
 def test_read_vram_configured_total_wins_and_none_without_any():
     import gwtest_plugins.fixed_vram as plugin
     gw = build_gateway(settings_for(plugins={"disabled": ["nvml_vram"]}))
-    assert gw.fleet.total_vram_mib() is None  # no NVML, no plugin, nothing configured
+    assert gw.fleet.gpu.total_mib() is None  # no NVML, no plugin, nothing configured
     gw = build_gateway(settings_for(plugins={"disabled": ["nvml_vram"]}),
                        extra_plugins=[("vram", plugin)])
-    assert (gw.fleet.total_vram_mib(), gw.fleet.used_vram_mib()) == (12345, 678)
+    assert (gw.fleet.gpu.total_mib(), gw.fleet.gpu.used_mib()) == (12345, 678)
     gw = build_gateway(settings_for(gpu={"total_vram_mib": 8000}), extra_plugins=[("vram", plugin)])
-    assert (gw.fleet.total_vram_mib(), gw.fleet.used_vram_mib()) == (8000, 678)
+    assert (gw.fleet.gpu.total_mib(), gw.fleet.gpu.used_mib()) == (8000, 678)
 
 
 # --- the contract: what build_plugin_manager refuses -----------------------------------

@@ -31,7 +31,7 @@ async def status(request: Request) -> HTTPResponse:
         "running": sum(1 for m in models.values() if m["state"] == "ready"),
         "queue_depth": sum(m["queue_depth"] for m in models.values()),
         "in_flight": sum(m["in_flight"] for m in models.values()),
-        "vram_total_mib": fleet.total_vram_mib(),
+        "vram_total_mib": fleet.gpu.total_mib(),
         "vram_reserved_mib": sum(m["vram_mib"] for m in models.values()),
     }
     return json_response({"models": models, "totals": totals})
