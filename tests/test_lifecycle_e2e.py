@@ -468,3 +468,19 @@ def test_sleep_mode_evicts_by_sleeping_and_wakes_without_a_cold_start(tmp_path):
         stats = httpx.get(f"{sim_url}/sim/stats", trust_env=False).json()
         assert stats["sleeps_total"] == 1 and stats["wakes_total"] == 1
         assert all(m["drift"] == 0 and m["in_flight"] == 0 for m in status.values())
+
+
+def test_sleeping_model_idle_past_its_timeout_is_stopped(tmp_path):
+    a, b = unique("doze-a"), unique("doze-b")
+    models = [process_model(a, "--enable-sleep-mode", vram_mib=60, sleep_mode=True,
+                            idle_timeout_s=2),
+              process_model(b, vram_mib=60)]
+    cfg = config(*models, gpu={"total_vram_mib": 100, "min_residency_s": 0, "load_timeout_s": 15,
+                               "sleep_residual_mib": 10})
+    with start_gateway(cfg, tmp_path) as gw:
+        assert chat(gw, a).status_code == 200
+        assert chat(gw, b).status_code == 200
+        assert state(gw, a) == "sleeping"
+        assert wait_until(lambda: state(gw, a) == "stopped", timeout=10)
+        assert model_pids(gw, a) == []
+        assert gw.metric("gateway_backend_stops_total", model=a, reason="idle") == 1
