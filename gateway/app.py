@@ -15,7 +15,7 @@ from sanic import Sanic
 from sanic.exceptions import MethodNotAllowed, NotFound, PayloadTooLarge, SanicException
 
 from gateway.config import Settings
-from gateway.drivers import check_models, collect_drivers
+from gateway.drivers import check_models, collect_drivers, configure_drivers
 from gateway.errors import error_response
 from gateway.fleet import Fleet
 from gateway.metrics import GatewayMetrics
@@ -42,6 +42,7 @@ def build_gateway(settings: Settings, extra_plugins: Iterable[tuple[str, object]
     pm = build_plugin_manager(settings.plugins.disabled, settings.plugins.load_entrypoints,
                               list(modules) + list(extra_plugins))
     drivers = collect_drivers(pm)
+    configure_drivers(settings, drivers)
     check_models(settings, drivers, source)
     metrics = GatewayMetrics()
 

@@ -32,9 +32,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-Port = Field(ge=1, le=65535)
-
-
 class Listen(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)

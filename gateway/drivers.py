@@ -48,8 +48,7 @@ def configure_drivers(settings: Settings, drivers: dict[str, BackendDriver]) -> 
 
 
 def check_models(settings: Settings, drivers: dict[str, BackendDriver], source: str) -> None:
-    """Raise ConfigError with one line per model problem."""
-    configure_drivers(settings, drivers)
+    """Raise ConfigError with one line per model problem (drivers already configured)."""
     lines = []
     for i, model in enumerate(settings.models):
         where = f"{source}: models.{i} ({model.name})"

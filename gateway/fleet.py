@@ -16,7 +16,6 @@ from collections.abc import Iterable
 import httpx
 
 from gateway.config import Settings
-from gateway.drivers import configure_drivers
 from gateway.lifecycle import ModelRuntime, StartFailed
 from gateway.metrics import GatewayMetrics, ModelGauges
 from gateway.plugins import HookRunner
@@ -40,7 +39,6 @@ class Fleet:
         self.settings = settings
         self.hooks = hooks
         self.metrics = metrics
-        configure_drivers(settings, drivers)  # idempotent; check_models did it already
         self.runtimes = {m.name: ModelRuntime(m, settings, drivers[m.backend])
                          for m in settings.models}
         self.gpu = GpuBudget(settings, hooks)

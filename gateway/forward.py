@@ -19,8 +19,8 @@ from sanic.request import Request
 from sanic.response import HTTPResponse
 
 from gateway.errors import error_response, sse_error_event
-from gateway.types import RetrySettings, UpstreamOutcome
-from gateway.upstream import classify_error, forward_headers, read_raw, response_headers
+from gateway.types import RequestInfo, RetrySettings, UpstreamOutcome
+from gateway.upstream import classify_error, end_to_end_headers, read_raw
 
 if TYPE_CHECKING:
     from gateway.lifecycle import ModelRuntime
@@ -36,12 +36,23 @@ class Exchange:
     request: Request
     runtime: ModelRuntime
     path: str
+    payload: dict[str, Any]
     body: bytes
     stream: bool
-    extra_headers: dict[str, str]
     started: float
+    extra_headers: dict[str, str] = field(default_factory=dict)
     status: int = 0
     usage: dict[str, Any] = field(default_factory=dict)
+    _info: RequestInfo | None = None
+
+    def info(self) -> RequestInfo:
+        """What hooks see of this request; built once, and only if a hook asks."""
+        if self._info is None:
+            req = self.request
+            self._info = RequestInfo(model=self.runtime.name, path=self.path, method=req.method,
+                                     headers=req.headers, body=self.payload,
+                                     client_ip=req.remote_addr or req.ip, stream=self.stream)
+        return self._info
 
 
 class Forwarder:
@@ -52,12 +63,12 @@ class Forwarder:
 
     async def send(self, ex: Exchange) -> HTTPResponse | None:
         rt = ex.runtime
+        headers = end_to_end_headers(ex.request.headers)
         attempt = 0
         while True:
             attempt += 1
             await rt.ensure_ready(self.gw.fleet)
             url = self.gw.pick_url(ex)
-            headers = forward_headers(ex.request.headers)
             try:
                 return await self._attempt(ex, url, headers, attempt)
             except _RetryableFailure as failure:
@@ -138,12 +149,12 @@ class Forwarder:
         ex.status = upstream.status_code
         if upstream.status_code == 200 and b'"usage"' in body:
             ex.usage = _usage(body)
-        headers = response_headers(upstream.headers)
+        headers = end_to_end_headers(upstream.headers)
         headers.update(ex.extra_headers)
         return HTTPResponse(body, status=upstream.status_code, headers=headers)
 
     async def _stream(self, ex: Exchange, upstream: httpx.Response) -> None:
-        headers = response_headers(upstream.headers)
+        headers = end_to_end_headers(upstream.headers)
         headers.update(ex.extra_headers)
         headers["X-Accel-Buffering"] = "no"
         ex.status = upstream.status_code

@@ -163,19 +163,16 @@ class HookRunner:
 
     def first(self, hook: str, **kwargs: Any) -> Any:
         """First non-None answer of a sync decision hook; PluginError if one raises."""
+        return self.first_with_name(hook, **kwargs)[0]
+
+    def first_with_name(self, hook: str, **kwargs: Any) -> tuple[Any, str | None]:
+        """``first``, plus the name of the plugin that answered."""
         for impl in self._impls[hook]:
             result = self._call(hook, impl, kwargs)
             if inspect.isawaitable(result):  # a plain def returning a coroutine slipped past
                 getattr(result, "close", lambda: None)()
                 raise PluginError(f"plugin {impl.plugin_name}: hook {hook} returned an awaitable; "
                                   "decision hooks must answer synchronously")
-            if result is not None:
-                return result
-        return None
-
-    def first_with_name(self, hook: str, **kwargs: Any) -> tuple[Any, str | None]:
-        for impl in self._impls[hook]:
-            result = self._call(hook, impl, kwargs)
             if result is not None:
                 return result, impl.plugin_name
         return None, None

@@ -85,18 +85,14 @@ class Gateway:
 
     async def _serve(self, request: Request, path: str, rt: ModelRuntime,
                      payload: dict[str, Any]) -> tuple[HTTPResponse | None, int]:
-        stream = payload.get("stream") is True
-        if self._admission_hooks:  # the snapshot is for hooks: skip building it without any
-            info = RequestInfo(model=rt.name, path=path, method=request.method,
-                               headers=request.headers, body=payload,
-                               client_ip=request.remote_addr or request.ip, stream=stream)
-            rejected = await self._admit(info, rt)
+        ex = Exchange(request, rt, path, payload, request.body, payload.get("stream") is True,
+                      time.perf_counter())
+        if self._admission_hooks:
+            rejected = await self._admit(ex.info(), rt)
             if rejected is not None:
                 return rejected, rejected.status
-        body = request.body
         if rt.served_model_name and payload.get("model") != rt.served_model_name:
-            body = json.dumps({**payload, "model": rt.served_model_name}).encode()
-        ex = Exchange(request, rt, path, body, stream, {}, time.perf_counter())
+            ex.body = json.dumps({**payload, "model": rt.served_model_name}).encode()
         try:
             async with rt.admission.slot() as waited:
                 self.series(self.metrics.queue_wait, rt.name).observe(waited)
@@ -166,9 +162,7 @@ class Gateway:
         rt = ex.runtime
         if len(rt.urls) == 1:
             return rt.urls[0]
-        info = RequestInfo(model=rt.name, path=ex.path, method=ex.request.method,
-                           headers=ex.request.headers, body={}, stream=ex.stream)
-        choice = self.hooks.first("select_backend", request=info, model=rt.view(),
+        choice = self.hooks.first("select_backend", request=ex.info(), model=rt.view(),
                                   candidates=rt.urls, in_flight=dict(rt.url_in_flight))
         return choice if choice in rt.urls else rt.urls[0]
 

@@ -9,7 +9,7 @@ into the request to the model server.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 _NULL = contextlib.nullcontext()
@@ -84,9 +84,3 @@ class Tracing:
     def shutdown(self) -> None:
         if self._provider is not None:
             self._provider.shutdown()
-
-
-@contextlib.contextmanager
-def maybe(cm) -> Iterator[None]:
-    with cm:
-        yield

@@ -10,6 +10,7 @@ the measurements behind this choice.
 from __future__ import annotations
 
 import http.cookiejar
+from typing import Any
 
 import aiohttp
 import httpx
@@ -136,10 +137,6 @@ def classify_error(exc: BaseException) -> ErrorKind:
     return "read"
 
 
-def forward_headers(headers: dict[str, str] | object) -> dict[str, str]:
-    """Request headers to send upstream: everything but hop-by-hop ones."""
-    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}  # type: ignore[attr-defined]
-
-
-def response_headers(headers: httpx.Headers) -> dict[str, str]:
+def end_to_end_headers(headers: Any) -> dict[str, str]:
+    """Headers to pass on, either way through the proxy: all but hop-by-hop ones."""
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}

@@ -15,7 +15,7 @@ RETRYABLE = frozenset({"connect", "timeout", "pool_timeout"})
 
 @hookimpl(trylast=True)
 def decide_retry(outcome, settings):
-    if outcome.kind not in RETRYABLE or outcome.attempt > settings.retries:
+    if outcome.kind not in RETRYABLE:  # the core caps attempts at settings.retries + 1
         return RetryDecision(retry=False)
     delay = settings.backoff_s * settings.backoff_multiplier ** (outcome.attempt - 1)
     return RetryDecision(retry=True, delay_s=delay)

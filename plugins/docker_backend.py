@@ -175,21 +175,12 @@ class DockerDriver:
         try:
             await self._run("reload a container", container.reload)
             if container.status in ("running", "restarting", "paused"):
-                await self._stop(container, grace)
+                await self._run(f"stop container {container.name}",
+                                lambda: container.stop(timeout=grace),
+                                timeout=API_TIMEOUT_S + grace)
             await self._run("remove a container", container.remove, force=True)
         except docker.errors.NotFound:
             return
-
-    async def _stop(self, container: Any, grace: int) -> None:
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._executor, lambda: container.stop(timeout=grace))
-        try:
-            await asyncio.wait_for(fut, API_TIMEOUT_S + grace)
-        except TimeoutError:
-            raise DockerUnavailable(f"Docker daemon at {docker_host()} did not stop container "
-                                    f"{container.name} within {API_TIMEOUT_S + grace:g}s") from None
-        except Exception as exc:
-            raise self._translate(exc, "stop a container") from None
 
     # --- images, networks, files ----------------------------------------------------------
 

@@ -275,6 +275,11 @@ def evictable(name: str, vram: int, *opts: str) -> dict:
     return process_model(name, *opts, vram_mib=vram)
 
 
+def complete(h: httpx.AsyncClient, gw, model: str):
+    """A one-token completion through the gateway (a coroutine)."""
+    return h.post(f"{gw.url}/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1})
+
+
 async def wait_state(h: httpx.AsyncClient, gw, model: str, wanted: set[str],
                      timeout: float = 10) -> str:
     deadline = time.monotonic() + timeout
@@ -293,8 +298,7 @@ def test_start_waiting_for_placement_does_not_block_eviction(tmp_path):
         async def scenario():
             async with httpx.AsyncClient(timeout=30, trust_env=False) as h:
                 def post(model):
-                    return h.post(f"{gw.url}/v1/completions",
-                                  json={"model": model, "prompt": "x", "max_tokens": 1})
+                    return complete(h, gw, model)
                 assert (await post(b)).status_code == 200
                 assert (await post(a)).status_code == 200  # b is now least recently used
                 started = time.monotonic()
@@ -318,8 +322,7 @@ def test_eviction_skips_a_victim_that_became_busy(tmp_path):
         async def scenario():
             async with httpx.AsyncClient(timeout=30, trust_env=False) as h:
                 def post(model):
-                    return h.post(f"{gw.url}/v1/completions",
-                                  json={"model": model, "prompt": "x", "max_tokens": 1})
+                    return complete(h, gw, model)
                 assert (await post(a)).status_code == 200  # a is least recently used
                 assert (await post(b)).status_code == 200
                 for_c = asyncio.create_task(post(c))  # picks a and b as victims

@@ -29,6 +29,7 @@ from gateway import hookimpl
 from gateway.app import build_gateway
 from gateway.config import ConfigError, load_settings
 from gateway.drivers import collect_drivers
+from gateway.forward import Exchange
 from gateway.hookspecs import ASYNC_CAPABLE_HOOKS, SYNC_ONLY_HOOKS
 from gateway.plugins import (
     DEFAULT_PLUGINS,
@@ -345,8 +346,8 @@ def test_select_backend_answer_outside_candidates_is_ignored():
     gw = build_gateway(settings, extra_plugins=[("bogus", Bogus())])
     rt = gw.fleet.get("m")
     rt.state, rt.urls = "ready", ("http://127.0.0.1:1", "http://127.0.0.1:2")
-    ex = types.SimpleNamespace(runtime=rt, path="/v1/chat/completions", stream=False,
-                               request=types.SimpleNamespace(method="POST", headers={}))
+    request = types.SimpleNamespace(method="POST", headers={}, remote_addr="", ip="")
+    ex = Exchange(request, rt, "/v1/chat/completions", {}, b"", False, 0.0)
     assert gw.pick_url(ex) == "http://127.0.0.1:1"
 
 
