@@ -455,6 +455,16 @@ def drift() -> dict:
                          min_zero=False,
                          thresholds=[{"color": "green", "value": None},
                                      {"color": "red", "value": 1}]), 12),
+        sized(timeseries("Stalled seconds",
+                         "gateway_admission_stalled_seconds per model: how long requests "
+                         "have waited while a concurrency slot was free. Must be 0 (a freed "
+                         "slot goes to the oldest waiter at once); GatewayAdmissionStalled "
+                         "fires when it is over 5s for 1m.",
+                         targets((f"max by (model) (gateway_admission_stalled_seconds{{{M}}})",
+                                  "{{model}}")),
+                         "s",
+                         thresholds=[{"color": "green", "value": None},
+                                     {"color": "red", "value": 5}]), 24),
         timeseries("Anomalies rate",
                    "Negative or impossible admission counts observed per second "
                    "(gateway_admission_anomalies_total).",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,8 +22,10 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 START_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 MODEL_STATES = ("stopped", "starting", "ready", "stopping", "sleeping")
 REJECTION_REASONS = ("queue_full", "queue_timeout", "admission", "auth", "rate_limit", "too_large",
-                     "bad_request", "unknown_model")
-ERROR_KINDS = ("connect", "timeout", "pool_timeout", "read", "protocol", "http_5xx")
+                     "bad_request", "unknown_model", "shutting_down",
+                     "too_many_connections")
+ERROR_KINDS = ("connect", "dns", "connect_timeout", "pool_timeout", "read_timeout", "disconnected",
+               "truncated", "protocol", "http_5xx", "http_429")
 START_RESULTS = ("success", "failure", "adopted", "woken")
 STOP_REASONS = ("idle", "eviction", "crash", "shutdown", "failed_start")
 EVICTION_REASONS = ("vram", "max_models")
@@ -45,6 +48,7 @@ class ModelGauges:
     pool_size: int
     pool_in_use: int
     vram_reserved_mib: int
+    stalled_seconds: float = 0.0  # admission's work-conservation check; must stay 0
 
     @property
     def drift(self) -> int:
@@ -94,6 +98,9 @@ PER_MODEL_GAUGES: tuple[tuple[str, str, Callable[[ModelGauges], float]], ...] = 
     ("gateway_max_queue", "Configured queue bound.", lambda r: r.max_queue),
     ("gateway_admission_drift", "admitted - finished - waiting - in flight; must be 0.",
      lambda r: r.drift),
+    ("gateway_admission_stalled_seconds",
+     "Seconds a model has had waiters while a slot was free; must stay 0.",
+     lambda r: r.stalled_seconds),
     ("gateway_upstream_pool_size", "Upstream connection pool size.", lambda r: r.pool_size),
     ("gateway_upstream_pool_in_use", "Upstream connections in use.", lambda r: r.pool_in_use),
     ("gateway_vram_reserved_bytes", "GPU memory reserved for a loaded model.",
@@ -112,8 +119,17 @@ PER_MODEL_COUNTERS: tuple[tuple[str, str, Callable[[ModelGauges], float]], ...] 
 class GatewayMetrics:
     """The gateway's registry; one per app so tests can build many apps."""
 
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per label set: ``labels()`` checks its
+        arguments and takes a lock on every call. Label values are bounded (see above)."""
+        found = self._children.get((metric, labels))
+        if found is None:
+            found = self._children[(metric, labels)] = metric.labels(*labels)
+        return found
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter("gateway_requests", "Requests answered, by status code.",
                                 ["model", "endpoint", "code"], registry=r)
