@@ -10,8 +10,10 @@ pulled"); the fleet turns it into a 503 for the request and ``last_error`` in
 
 Containers carry labels (``<docker.label_prefix>.managed/model/port/config``), so a
 restarted gateway adopts a running container for a model instead of starting a
-second one, and removes exited ones. With ``docker.stop_on_shutdown: false`` the
-gateway leaves its containers running when it stops, for the next one to adopt.
+second one, and removes exited ones; at start-up it also removes the containers of
+models that are no longer configured (``reap_orphans``). With
+``docker.stop_on_shutdown: false`` the gateway leaves its containers running when it
+stops, for the next one to adopt.
 
 Settings reach the driver through ``configure(settings)``, which the gateway calls
 before it validates models and starts anything.
@@ -29,6 +31,7 @@ from typing import Any
 from vllm_gateway_plugins import docker_spec as spec_mod
 
 from gateway.hookspecs import hookimpl
+from gateway.redact import redact, secrets_of
 from gateway.types import RunningServer
 
 log = logging.getLogger("vllm_gateway.docker")
@@ -303,7 +306,7 @@ class DockerDriver:
         container = await self._container(server.ident)
         if container is None:
             return
-        tail = await self._tail(container, LOG_TAIL_LINES)
+        tail = await self._tail(container, LOG_TAIL_LINES, model)
         if tail:
             log.info("container %s (model %s) last log lines:\n%s", container.name, model.name,
                      tail)
@@ -346,15 +349,39 @@ class DockerDriver:
             container = await self._container(server.ident)
         except DockerBackendError:
             return ""
-        return await self._tail(container, lines) if container is not None else ""
+        return await self._tail(container, lines, model) if container is not None else ""
 
-    async def _tail(self, container: Any, lines: int) -> str:
+    async def _tail(self, container: Any, lines: int, model: Any = None) -> str:
         try:
             raw = await self._run("read container logs", container.logs, tail=lines)
         except Exception:
             return ""
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-        return _redact(text, self.docker.hf_token).rstrip()
+        return redact(text, secrets_of(model, self.settings)).rstrip()
+
+    async def reap_orphans(self, models: list[Any]) -> None:
+        """At start-up: stop and remove containers with this gateway's labels whose model
+        is no longer configured (for this backend). Containers of configured models are
+        left to ``adopt``. An unreachable daemon is logged, not raised: the gateway starts
+        anyway."""
+        prefix = self.docker.label_prefix
+        configured = {m.name for m in models}
+        try:
+            containers = await self._labelled()
+        except DockerBackendError as exc:
+            log.warning("cannot look for containers of unconfigured models: %s", exc)
+            return
+
+        async def remove(container: Any, model_name: str | None) -> None:
+            log.warning("removing container %s of model %s, which is no longer configured",
+                        container.name, model_name or "(unlabelled)")
+            try:
+                await self._remove(container)
+            except DockerBackendError as exc:
+                log.warning("cannot remove container %s: %s", container.name, exc)
+
+        stale = [(c, (c.labels or {}).get(f"{prefix}.model")) for c in containers]
+        await asyncio.gather(*(remove(c, name) for c, name in stale if name not in configured))
 
     # --- for tests and operators ----------------------------------------------------------
 
@@ -365,10 +392,6 @@ class DockerDriver:
 def _short(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:300]
-
-
-def _redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
 
 
 @hookimpl(trylast=True)
