@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from sanic import Sanic
-from sanic.exceptions import MethodNotAllowed, NotFound, PayloadTooLarge, SanicException
+from sanic.exceptions import MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout, SanicException
+from sanic.server.protocols.http_protocol import HttpProtocol
 
 from gateway.config import Settings
 from gateway.drivers import check_models, collect_drivers, configure_drivers
@@ -22,7 +23,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.plugins import HookRunner, build_plugin_manager
 from gateway.proxy import Gateway
 from gateway.routes.admin import admin
-from gateway.routes.openai import openai_api
+from gateway.routes.openai import add_extra_routes, openai_api
+from gateway.shutdown import Shutdown
 from gateway.tracing import Tracing
 
 log = logging.getLogger("vllm_gateway")
@@ -31,6 +33,23 @@ _app_ids = itertools.count()
 # one waiting for a cold start must not be killed by it, so the gateway's own
 # timeouts (queue, start, load, upstream) are the only ones that apply.
 NO_SANIC_TIMEOUT_S = 10 * 86_400
+TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                        b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%b")
+
+
+class GatewayProtocol(HttpProtocol):
+    """Sanic's HTTP/1.1 protocol with a cap on open connections: one past
+    ``limits.max_connections`` gets a 503 and is closed, before any byte is read."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        cap = getattr(self.app.ctx, "max_connections", None)
+        if cap is not None and len(self.connections) > cap:
+            body = error_response(503, f"too many open connections (limits.max_connections = "
+                                  f"{cap}); retry shortly", "too_many_connections").body
+            transport.write(TOO_MANY_CONNECTIONS % (len(body), body))
+            transport.close()
+            self.app.ctx.gateway.metrics.rejections.labels("", "too_many_connections").inc()
 
 
 def build_gateway(settings: Settings, extra_plugins: Iterable[tuple[str, object]] = (),
@@ -67,26 +86,37 @@ def create_app(settings: Settings, extra_plugins: Iterable[tuple[str, object]] =
     gw = build_gateway(settings, extra_plugins, span_exporter, source)
     app = Sanic(f"vllm_gateway_{next(_app_ids)}")
     app.config.RESPONSE_TIMEOUT = NO_SANIC_TIMEOUT_S
+    # REQUEST_TIMEOUT bounds the wait for request headers; bodies have their own
+    # deadline (limits.body_timeout_s, gateway/intake.py).
+    app.config.REQUEST_TIMEOUT = settings.limits.header_timeout_s
     app.config.REQUEST_MAX_SIZE = settings.limits.max_request_bytes
     app.config.KEEP_ALIVE_TIMEOUT = 75
-    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 5
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 5  # after our own drain: connections left idle
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.ctx.gateway = gw
     app.ctx.serving = False
+    app.ctx.max_connections = settings.limits.max_connections
+    app.ctx.shutdown = Shutdown(app, gw)
+    app.ctx.handle_signals = False  # `serve` sets it; in-process tests drive shutdown directly
     app.blueprint(openai_api)
     app.blueprint(admin)
+    add_extra_routes(app, settings.upstream.extra_paths)
     _add_error_handlers(app, gw)
 
     @app.before_server_start
     async def _start(app: Sanic) -> None:
+        if app.ctx.handle_signals:
+            app.ctx.shutdown.install()  # first: a signal during start-up is not lost
         await gw.fleet.startup()
         await gw.hooks.each("startup", gateway=gw)
 
     @app.after_server_start
     async def _serving(app: Sanic) -> None:
-        # Sanic installs its SIGTERM handler only now: answering /health earlier would
-        # let a supervisor's early SIGTERM kill us without stopping the model servers.
+        if app.ctx.handle_signals:
+            # Again: Sanic sets SIGTERM/SIGINT to SIG_IGN just before this listener runs.
+            app.ctx.shutdown.install()
         app.ctx.serving = True
+        app.ctx.shutdown.serving.set()
 
     @app.before_server_stop
     async def _draining(app: Sanic) -> None:
@@ -105,8 +135,18 @@ def _add_error_handlers(app: Sanic, gw: Gateway) -> None:
     @app.exception(PayloadTooLarge)
     async def _too_large(request, exc):
         gw.metrics.rejections.labels("", "too_large").inc()
+        if "header" in str(exc).lower():
+            return error_response(431, "request headers exceed "
+                                  f"{app.config.REQUEST_MAX_HEADER_SIZE} bytes",
+                                  "request_headers_too_large")
         return error_response(413, f"request body exceeds {gw.settings.limits.max_request_bytes} "
                               "bytes (limits.max_request_bytes)", "request_too_large")
+
+    @app.exception(RequestTimeout)
+    async def _timeout(request, exc):
+        return error_response(408, "request headers not received within "
+                              f"{gw.settings.limits.header_timeout_s:g}s (limits.header_timeout_s)",
+                              "request_timeout")
 
     @app.exception(NotFound)
     async def _not_found(request, exc):

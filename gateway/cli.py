@@ -18,7 +18,7 @@ def _load(path: str | None) -> tuple[Settings, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.app import create_app
+    from gateway.app import GatewayProtocol, create_app
 
     try:
         settings, source = _load(args.config)
@@ -34,8 +34,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                            len(settings.models), source, settings.listen.host,
                                            settings.listen.port)
     _tune_gc(app)
+    app.ctx.handle_signals = True
     app.run(host=settings.listen.host, port=settings.listen.port, single_process=True,
-            access_log=False, motd=False)
+            access_log=False, motd=False, register_sys_signals=False, protocol=GatewayProtocol)
     return 0
 
 

@@ -42,6 +42,16 @@ class Limits(_Strict):
     max_queue: int = Field(200, ge=0, le=MAX_QUEUE_CAP)
     queue_timeout_s: float = Field(0, ge=0, le=DAY_S)  # 0 = wait as long as needed
     max_request_bytes: int = Field(10_000_000, ge=1024, le=1_000_000_000)
+    # Reading a request is bounded apart from answering it (whose timeout is lifted).
+    header_timeout_s: float = Field(10, gt=0, le=3600)  # connection open to headers complete
+    body_timeout_s: float = Field(60, gt=0, le=DAY_S)  # headers complete to body complete
+    max_connections: int = Field(4096, ge=1, le=1_000_000)  # more get 503 and are closed
+    # Request bodies held in memory at once, all requests together; a request whose body
+    # would pass it waits (bounded by body_timeout_s). One body may always be held.
+    max_body_buffer_bytes: int = Field(32_000_000, ge=1024, le=100_000_000_000)
+    # Non-streamed upstream answers up to this size are buffered (usage counted); larger
+    # ones are streamed through to the client as they arrive.
+    max_buffered_response_bytes: int = Field(4_000_000, ge=1024, le=1_000_000_000)
 
 
 class Upstream(_Strict):
@@ -52,6 +62,20 @@ class Upstream(_Strict):
     backoff_multiplier: float = Field(1.5, ge=1, le=10)
     start_timeout_s: float = Field(900, gt=0, le=DAY_S)  # health wait for a cold start
     health_interval_s: float = Field(0.5, gt=0, le=60)
+    # Model-server API paths clients may reach besides the built-in allow-list
+    # (gateway/paths.py); exact paths, no dot segments or percent-escapes.
+    extra_paths: list[str] = []
+
+    @field_validator("extra_paths")
+    @classmethod
+    def _plain_paths(cls, v: list[str]) -> list[str]:
+        from gateway.paths import extra_path_problem
+
+        for path in v:
+            problem = extra_path_problem(path)
+            if problem:
+                raise ValueError(f"{path!r}: {problem}")
+        return v
 
 
 class Gpu(_Strict):
@@ -73,6 +97,13 @@ class Docker(_Strict):
     stop_on_shutdown: bool = True
     label_prefix: str = "vllm-gateway"
     network: str = "host"
+
+
+class ServerLogs(_Strict):
+    """Where model servers' output goes: one file per server, size-capped, removed on stop."""
+
+    dir: str = "logs"
+    max_bytes: int = Field(10_000_000, ge=4096, le=100_000_000_000)
 
 
 class Plugins(_Strict):
@@ -151,6 +182,10 @@ class Settings(_Strict):
     docker: Docker = Docker()
     plugins: Plugins = Plugins()
     tracing: Tracing = Tracing()
+    server_logs: ServerLogs = ServerLogs()
+    # On SIGTERM/SIGINT: queued requests get 503 at once, in-flight ones may finish
+    # within this many seconds, then streams still open end with an SSE error event.
+    shutdown_grace_s: float = Field(30, ge=0, le=3600)
     models: list[ModelConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

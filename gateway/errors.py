@@ -7,6 +7,7 @@ from sanic.response import HTTPResponse
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+         408: "invalid_request_error", 431: "invalid_request_error",
          500: "server_error", 502: "upstream_error", 503: "service_unavailable", 504: "timeout"}
 
 
@@ -22,6 +23,6 @@ def error_response(status: int, message: str, code: str,
                         content_type="application/json")
 
 
-def sse_error_event(message: str, code: str) -> bytes:
+def sse_error_event(message: str, code: str, status: int = 502) -> bytes:
     """The event that ends a stream which broke after its first byte."""
-    return b"data: " + error_body(502, message, code) + b"\n\n"
+    return b"data: " + error_body(status, message, code) + b"\n\n"

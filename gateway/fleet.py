@@ -45,11 +45,16 @@ class Fleet:
         self._placement = asyncio.Lock()
         self._health_client: httpx.AsyncClient | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._shutdown: asyncio.Task[None] | None = None
+        self.closing = False  # draining: nothing new starts
+        self._launching = 0  # launches between driver.start and healthy
+        self.gpu_changes = 0  # bumped whenever a launch begins or ends or a server stops
 
     # --- start-up and shutdown -------------------------------------------------------
 
     async def startup(self) -> None:
         self._health_client = httpx.AsyncClient(timeout=5.0)
+        await self._reap_orphans()
         for rt in self.runtimes.values():
             if not rt.manages_lifecycle:
                 server = await rt.driver.start(rt.cfg, 0)
@@ -57,6 +62,21 @@ class Fleet:
                 continue
             await self._adopt(rt)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="fleet-sweeper")
+
+    async def _reap_orphans(self) -> None:
+        """Let each driver stop servers an earlier, dead gateway left without an owner
+        (optional driver method ``reap_orphans(models)``); failures are logged, not fatal."""
+        by_driver: dict[int, tuple[BackendDriver, list]] = {}
+        for rt in self.runtimes.values():
+            by_driver.setdefault(id(rt.driver), (rt.driver, []))[1].append(rt.cfg)
+        for driver, models in by_driver.values():
+            reap = getattr(driver, "reap_orphans", None)
+            if reap is None:
+                continue
+            try:
+                await reap(models)
+            except Exception as exc:
+                log.warning("reaping orphaned servers failed: %s: %s", type(exc).__name__, exc)
 
     async def _adopt(self, rt: ModelRuntime) -> None:
         """Take over a server an earlier gateway left running, if it answers /health.
@@ -93,6 +113,22 @@ class Fleet:
         return resp.status_code == 200
 
     async def shutdown(self) -> None:
+        """Stop the sweeper, pending starts and every server; idempotent (a second call
+        waits for the first to finish)."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.create_task(self._shutdown_once(), name="fleet-shutdown")
+        await asyncio.shield(self._shutdown)
+
+    def stop_starting(self) -> None:
+        """Draining: starts in progress are cancelled (their servers stopped by
+        ``start``'s own cleanup) and no new start begins."""
+        self.closing = True
+        for rt in self.runtimes.values():
+            if rt.transition is not None and rt.state in ("starting", "stopped"):
+                rt.transition.cancel()
+
+    async def _shutdown_once(self) -> None:
+        self.closing = True
         if self._sweeper:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
@@ -125,23 +161,41 @@ class Fleet:
 
     # --- starting ---------------------------------------------------------------------
 
+    async def ensure_ready(self, rt: ModelRuntime) -> None:
+        """Return once the model serves; start it (once, shared) if needed.
+
+        A pending transition is awaited even while the state still reads "ready": a stop
+        task created this loop iteration has not run yet, and its pool is about to close.
+        """
+        while rt.state != "ready" or rt.transition is not None:
+            if self.closing:
+                raise StartFailed(f"model {rt.name!r}: not started, the gateway is shutting down")
+            if rt.transition is None:
+                rt.transition = asyncio.create_task(self.start(rt), name=f"start:{rt.name}")
+            transition = rt.transition
+            try:
+                # shield: a client that gives up must not cancel the start others wait on
+                await asyncio.shield(transition)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this request itself was cancelled
+                raise StartFailed(f"model {rt.name!r}: start cancelled, the gateway is "
+                                  "shutting down") from None
+
     async def start(self, rt: ModelRuntime) -> None:
-        """The start transition: make room, then launch and wait healthy (learning the
-        footprint), or wake a sleeping vLLM."""
+        """The start transition: reserve room (under the placement lock, briefly), then
+        launch and wait healthy, or wake a sleeping vLLM, with the lock released: a slow
+        or hung start never holds up another model's."""
         started = time.monotonic()
         asleep = rt.server if rt.state == "sleeping" else None
         server = asleep
         try:
-            async with self._placement:
-                # Only now is it "starting": a model still waiting for the lock holds no
-                # memory, and counting it as loaded would block the start that holds the lock.
-                rt.mark_starting()
-                rt.vram_mib = self.gpu.footprint(rt.cfg)
-                await self._make_room(rt)
-                if asleep is not None:
-                    await self._post(rt, asleep, "/wake_up")
-                else:
-                    server = await self._launch(rt)
+            await self._reserve(rt)
+            if asleep is not None:
+                await self._post(rt, asleep, "/wake_up")
+            else:
+                server = await self._launch(rt)
             took = time.monotonic() - started
             rt.mark_ready(server, rt.reload_cost_s if asleep else took)
             self.metrics.backend_starts.labels(rt.name, "woken" if asleep else "success").inc()
@@ -165,15 +219,57 @@ class Fleet:
         finally:
             rt.transition = None
 
+    async def _reserve(self, rt: ModelRuntime) -> None:
+        """Make room and mark the model ``starting`` (which reserves its footprint), all
+        under the placement lock; wait for room (bounded) with the lock released."""
+        deadline = time.monotonic() + self.settings.gpu.load_timeout_s
+        while True:
+            async with self._placement:
+                rt.vram_mib = self.gpu.footprint(rt.cfg)
+                total = self.gpu.total_mib()
+                if total and rt.vram_mib > total:
+                    raise StartFailed(f"model {rt.name!r} needs {rt.vram_mib} MiB but the GPU "
+                                      f"budget is {total} MiB (gpu.total_vram_mib / vram_mib)")
+                req = self._eviction_request(rt)
+                reason = shortfall(req)
+                if reason is None:
+                    rt.mark_starting()  # from here its footprint counts as held
+                    return
+                victims = self._valid_victims(self.hooks.first("select_evictions", request=req)
+                                              or ())
+                if victims:
+                    await self._evict(victims, reason)
+                    continue
+            if time.monotonic() >= deadline:
+                raise StartFailed(f"model {rt.name!r}: no room after "
+                                  f"{self.settings.gpu.load_timeout_s:g}s ({reason}); loaded "
+                                  "models are busy or pinned")
+            await asyncio.sleep(0.2)
+
     async def _launch(self, rt: ModelRuntime):
-        used_before = self.gpu.used_mib()
-        server = await rt.driver.start(rt.cfg, free_port())
-        rt.server = server  # so a failure below stops it
-        assert self._health_client is not None
-        await rt.wait_healthy(server, self.settings.start_timeout(rt.cfg),
-                              self.settings.upstream.health_interval_s, self._health_client)
-        self.gpu.learn(rt, used_before)
-        return server
+        """Start the server and wait until healthy. Its footprint is learned only when no
+        other start or stop overlapped the measurement: NVML sees the whole GPU."""
+        self._launching += 1
+        self.gpu_changes += 1
+        alone, mine = self._launching == 1, self.gpu_changes
+        try:
+            used_before = self.gpu.used_mib()
+            server = await rt.driver.start(rt.cfg, free_port())
+            rt.server = server  # so a failure below stops it
+            assert self._health_client is not None
+            await rt.wait_healthy(server, self.settings.start_timeout(rt.cfg),
+                                  self.settings.upstream.health_interval_s, self._health_client)
+            if alone and self.gpu_changes == mine:
+                learned = self.gpu.learn(rt.cfg, used_before)
+                if learned is not None:
+                    rt.vram_mib = learned
+            else:
+                log.info("model %s: footprint not learned this start (another start or stop "
+                         "overlapped the measurement)", rt.name)
+            return server
+        finally:
+            self._launching -= 1
+            self.gpu_changes += 1
 
     async def _post(self, rt: ModelRuntime, server, path: str) -> None:
         """vLLM's sleep-mode endpoints (served with VLLM_SERVER_DEV_MODE=1)."""
@@ -194,27 +290,6 @@ class Fleet:
             max_models_running=self.settings.max_models_running,
             min_residency_s=self.settings.gpu.min_residency_s, now=time.monotonic(),
             sleep_residual_mib=self.settings.gpu.sleep_residual_mib)
-
-    async def _make_room(self, rt: ModelRuntime) -> None:
-        """Evict until ``rt`` fits; wait (bounded) while every candidate is busy."""
-        total = self.gpu.total_mib()
-        if total and rt.vram_mib > total:
-            raise StartFailed(f"model {rt.name!r} needs {rt.vram_mib} MiB but the GPU budget is "
-                              f"{total} MiB (gpu.total_vram_mib / vram_mib)")
-        deadline = time.monotonic() + self.settings.gpu.load_timeout_s
-        while True:
-            req = self._eviction_request(rt)
-            reason = shortfall(req)
-            if reason is None:
-                return
-            victims = self._valid_victims(self.hooks.first("select_evictions", request=req) or ())
-            if victims:
-                await self._evict(victims, reason)
-                continue
-            if time.monotonic() >= deadline:
-                raise StartFailed(f"model {rt.name!r}: no room after {self.settings.gpu.load_timeout_s:g}s "
-                                  f"({reason}); loaded models are busy or pinned")
-            await asyncio.sleep(0.2)
 
     def _valid_victims(self, answer: Iterable[str | Eviction]) -> list[tuple[ModelRuntime, str]]:
         """The core's guard on any policy: only idle, unpinned, loaded models are evicted,
@@ -272,6 +347,7 @@ class Fleet:
                 await self._stop_server(rt, server)
         finally:
             rt.mark_stopped()
+            self.gpu_changes += 1
             self.metrics.stops.labels(rt.name, reason).inc()
             log.info("model %s stopped (%s)", rt.name, reason)
 
@@ -308,6 +384,7 @@ class Fleet:
             try:
                 await self._post(rt, server, f"/sleep?level={rt.cfg.sleep_level}")
                 pool = rt.mark_sleeping()
+                self.gpu_changes += 1
                 if pool is not None:
                     await pool.aclose()
                 log.info("model %s asleep (level %d)", rt.name, rt.cfg.sleep_level)
@@ -324,9 +401,13 @@ class Fleet:
 
     async def mark_crashed(self, rt: ModelRuntime) -> None:
         """A ready model's server is gone: drop it so the next request restarts it."""
-        if rt.state in ("ready", "sleeping") and rt.transition is None:
+        if rt.state not in ("ready", "sleeping") or rt.transition is not None:
+            return
+        server = rt.server
+        tail = await rt.last_log_lines(server) if server else ""
+        if rt.server is server and rt.state in ("ready", "sleeping") and rt.transition is None:
             log.warning("model %s: server is no longer running", rt.name)
-            rt.last_error = "server exited unexpectedly"
+            rt.last_error = f"server exited unexpectedly{tail}"
             await self.stop_model(rt, "crash")
 
     async def _sweep_forever(self) -> None:

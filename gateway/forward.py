@@ -1,9 +1,13 @@
 """Sending one admitted request upstream: attempts, retries, streaming.
 
 Retries happen only before the first byte reaches the client, within
-``upstream.retries`` and as the ``decide_retry`` hook allows. A stream that breaks
-later ends with an error event. When the client goes away, Sanic cancels the handler;
-the ``finally`` closes the upstream response so vLLM frees the sequence.
+``upstream.retries`` and as the ``decide_retry`` hook allows; the hook gets the
+gateway's own classification of the failure (``sent`` says whether the request may
+have reached the server) and, for an HTTP answer, its status. Every upstream failure
+ends as a 502/503/504 with an OpenAI error body (or an SSE error event once a stream
+has begun), counted by kind, logged in one line. When the client goes away, Sanic
+cancels the handler; the ``finally`` releases the upstream response so vLLM frees the
+sequence.
 """
 from __future__ import annotations
 
@@ -14,22 +18,45 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
 from gateway.errors import error_response, sse_error_event
-from gateway.types import RequestInfo, RetrySettings, UpstreamOutcome
-from gateway.upstream import classify_error, end_to_end_headers, read_raw
+from gateway.types import ReadOnlyJSON, RequestInfo, RetrySettings, UpstreamOutcome
+from gateway.upstream import (
+    UpstreamFailure,
+    UpstreamResponse,
+    content_type,
+    forward_request_headers,
+    response_header_items,
+)
 
 if TYPE_CHECKING:
+    from gateway.config import Settings
+    from gateway.fleet import Fleet
     from gateway.lifecycle import ModelRuntime
-    from gateway.proxy import Gateway
+    from gateway.metrics import GatewayMetrics
+    from gateway.plugins import HookRunner
+    from gateway.tracing import Tracing
 
 log = logging.getLogger("vllm_gateway.forward")
+USAGE_TAIL = 65_536  # bytes of a streamed-through answer kept to find its usage
 
 
-@dataclass
+class RawResponse(HTTPResponse):
+    """An HTTPResponse that adds no Content-Type of its own: an upstream answer without
+    one must not reach the client as ``content-type: None``."""
+
+    @property
+    def processed_headers(self):  # type: ignore[override]
+        if self.content_type is not None:
+            self.headers.setdefault("content-type", self.content_type)
+        return ((self._sanitize_header_value(k).encode("ascii"),
+                 self._sanitize_header_value(f"{v}").encode(errors="surrogateescape"))
+                for k, v in self.headers.items())
+
+
+@dataclass(eq=False)
 class Exchange:
     """One client request on its way through the gateway."""
 
@@ -43,161 +70,248 @@ class Exchange:
     extra_headers: dict[str, str] = field(default_factory=dict)
     status: int = 0
     usage: dict[str, Any] = field(default_factory=dict)
+    task: asyncio.Task[Any] | None = None
+    upstream: UpstreamResponse | None = None
+    streaming: bool = False  # the response head has gone to the client
+    abort_reason: str = ""  # set when the gateway ends this exchange (shutdown deadline)
     _info: RequestInfo | None = None
 
     def info(self) -> RequestInfo:
-        """What hooks see of this request; built once, and only if a hook asks."""
+        """What hooks see of this request: read-only copies, built once, only if asked."""
         if self._info is None:
             req = self.request
+            headers: dict[str, str] = {}
+            for k, v in req.headers.items():
+                lk = k.lower()
+                headers[lk] = f"{headers[lk]}, {v}" if lk in headers else v
+            from types import MappingProxyType
             self._info = RequestInfo(model=self.runtime.name, path=self.path, method=req.method,
-                                     headers=req.headers, body=self.payload,
+                                     headers=MappingProxyType(headers),
+                                     body=ReadOnlyJSON(self.payload),
                                      client_ip=req.remote_addr or req.ip, stream=self.stream)
         return self._info
 
 
+class _Retry(Exception):
+    def __init__(self, outcome: UpstreamOutcome, failure: UpstreamFailure | None) -> None:
+        self.outcome = outcome
+        self.failure = failure
+
+
 class Forwarder:
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
-        up = gw.settings.upstream
+    """Picks the upstream URL, sends, retries and relays; knows nothing of admission."""
+
+    def __init__(self, settings: Settings, hooks: HookRunner, fleet: Fleet,
+                 metrics: GatewayMetrics, tracing: Tracing) -> None:
+        self.settings = settings
+        self.hooks = hooks
+        self.fleet = fleet
+        self.metrics = metrics
+        self.tracing = tracing
+        up = settings.upstream
         self.retry_settings = RetrySettings(up.retries, up.backoff_s, up.backoff_multiplier)
+        self.buffer_cap = settings.limits.max_buffered_response_bytes
+
+    def pick_url(self, ex: Exchange) -> str:
+        rt = ex.runtime
+        if len(rt.urls) == 1:
+            return rt.urls[0]
+        choice = self.hooks.first("select_backend", request=ex.info(), model=rt.view(),
+                                  candidates=rt.urls, in_flight=dict(rt.url_in_flight))
+        return choice if choice in rt.urls else rt.urls[0]
 
     async def send(self, ex: Exchange) -> HTTPResponse | None:
         rt = ex.runtime
-        headers = end_to_end_headers(ex.request.headers)
+        headers = forward_request_headers(ex.request.headers)
         attempt = 0
         while True:
             attempt += 1
-            await rt.ensure_ready(self.gw.fleet)
-            url = self.gw.pick_url(ex)
+            await self.fleet.ensure_ready(rt)
+            url = self.pick_url(ex)
             try:
                 return await self._attempt(ex, url, headers, attempt)
-            except _RetryableFailure as failure:
-                delay = await self._retry_delay(ex, failure.outcome)
+            except _Retry as retry:
+                delay = await self._decide(ex, retry.outcome)
                 if delay is None:
-                    return failure.response
-                self.gw.metrics.retries.labels(rt.name, failure.outcome.kind).inc()
-                self.gw.tracing.event("gateway.retry", {"attempt": attempt, "kind": failure.outcome.kind,
+                    assert retry.failure is not None  # HTTP answers pass through instead
+                    return self._failure_response(ex, retry.failure, attempt)
+                self.metrics.retries.labels(rt.name, retry.outcome.kind).inc()
+                self.tracing.event("gateway.retry", {"attempt": attempt,
+                                                        "kind": retry.outcome.kind,
                                                         "delay_s": delay})
                 await asyncio.sleep(delay)
 
-    async def _retry_delay(self, ex: Exchange, outcome: UpstreamOutcome) -> float | None:
+    async def _decide(self, ex: Exchange, outcome: UpstreamOutcome) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up now."""
         if outcome.attempt > self.retry_settings.retries:
             return None
-        decision = self.gw.hooks.first("decide_retry", outcome=outcome, settings=self.retry_settings)
+        decision = self.hooks.first("decide_retry", outcome=outcome, settings=self.retry_settings)
         if decision is None or not decision.retry:
             return None
         if outcome.kind == "connect" and ex.runtime.server is not None:
             if not await ex.runtime.driver.is_running(ex.runtime.cfg, ex.runtime.server):
-                await self.gw.fleet.mark_crashed(ex.runtime)  # next attempt restarts it
+                await self.fleet.mark_crashed(ex.runtime)  # next attempt restarts it
         return max(0.0, float(decision.delay_s))
 
     async def _attempt(self, ex: Exchange, url: str, headers: dict[str, str],
                        attempt: int) -> HTTPResponse | None:
         rt = ex.runtime
         pool = rt.pool
-        if pool is None:  # stopped between ensure_ready and here: treat as a connect failure
-            raise _RetryableFailure(UpstreamOutcome(rt.name, attempt, "connect", error="model stopped"),
-                                    self._unavailable(ex, "model server stopped"))
-        metrics = self.gw.metrics
+        if pool is None:  # stopped between ensure_ready and here: nothing was sent
+            failure = UpstreamFailure("connect", "model server stopped")
+            raise _Retry(UpstreamOutcome(rt.name, attempt, "connect", error=failure.detail,
+                                         sent=False), failure)
+        metrics = self.metrics
         sent = time.perf_counter()
         pool.in_use += 1
         rt.url_in_flight[url] = rt.url_in_flight.get(url, 0) + 1
         upstream = None
         try:
-            with self.gw.tracing.span("gateway.upstream_attempt",
+            with self.tracing.span("gateway.upstream_attempt",
                                       {"gen_ai.request.model": rt.name, "attempt": attempt,
                                        "server.address": url}, client=True):
-                self.gw.tracing.inject(headers)  # the model server's parent is this attempt
+                self.tracing.inject(headers)  # the model server's parent is this attempt
                 try:
-                    upstream = await pool.request(ex.request.method, url + ex.path,
+                    upstream = await pool.request(ex.request.method, url, ex.path,
                                                   content=ex.body, headers=headers,
-                                                  params=ex.request.query_string or None)
-                except UnicodeEncodeError:  # httpx sends ASCII header values only
-                    ex.status = 400
-                    return error_response(400, "request header values must be ASCII to be "
-                                          "forwarded", "invalid_header", ex.extra_headers)
-                except httpx.TransportError as exc:
-                    kind = classify_error(exc)
-                    metrics.upstream_errors.labels(rt.name, kind).inc()
-                    self.gw.tracing.record_error(exc)
-                    raise _RetryableFailure(
-                        UpstreamOutcome(rt.name, attempt, kind, error=str(exc) or type(exc).__name__),
-                        self._unavailable(ex, f"upstream unreachable after {attempt} attempt(s): "
-                                              f"{kind}")) from None
-                if upstream.status_code >= 500:
-                    metrics.upstream_errors.labels(rt.name, "http_5xx").inc()
-                if ex.stream and upstream.status_code < 400:
+                                                  query=ex.request.query_string)
+                except UpstreamFailure as failure:
+                    self._count(ex, failure, attempt)
+                    raise _Retry(UpstreamOutcome(rt.name, attempt, failure.kind,
+                                                 error=failure.detail, sent=failure.sent),
+                                 failure) from None
+                ex.upstream = upstream
+                status = upstream.status
+                if status >= 500 or status == 429:
+                    kind = "http_429" if status == 429 else "http_5xx"
+                    if status >= 500:
+                        metrics.upstream_errors.labels(rt.name, "http_5xx").inc()
+                    outcome = UpstreamOutcome(rt.name, attempt, kind, status=status, sent=True)
+                    if await self._decide(ex, outcome) is not None:
+                        raise _Retry(outcome, None)
+                if ex.stream and status < 400 and ex.request.version != "1.0":
                     await self._stream(ex, upstream)
                     return None
-                return await self._buffered(ex, upstream)
+                return await self._buffered(ex, upstream, attempt)
         finally:
+            ex.upstream = None
             if upstream is not None:
-                await upstream.aclose()
+                upstream.release()
             pool.in_use -= 1
             rt.url_in_flight[url] = rt.url_in_flight.get(url, 1) - 1
-            self.gw.series(metrics.upstream_duration, rt.name).observe(time.perf_counter() - sent)
+            self.metrics.child(metrics.upstream_duration, rt.name).observe(time.perf_counter() - sent)
 
-    async def _buffered(self, ex: Exchange, upstream: httpx.Response) -> HTTPResponse:
+    def _count(self, ex: Exchange, failure: UpstreamFailure, attempt: int) -> None:
+        self.metrics.upstream_errors.labels(ex.runtime.name, failure.kind).inc()
+        self.tracing.record_error(failure)
+        log.warning("model %s: upstream %s on attempt %d: %s", ex.runtime.name, failure.kind,
+                    attempt, failure.detail)
+
+    def _failure_response(self, ex: Exchange, failure: UpstreamFailure,
+                          attempt: int) -> HTTPResponse:
+        headers = dict(ex.extra_headers)
+        name = ex.runtime.name
+        if not failure.sent:
+            ex.status = 503
+            headers["Retry-After"] = "5"
+            return error_response(503, f"model {name!r}: upstream unreachable after {attempt} "
+                                  f"attempt(s): {failure.kind}", "upstream_unavailable", headers)
+        if failure.kind == "read_timeout":
+            ex.status = 504
+            return error_response(504, f"model {name!r}: no answer within "
+                                  f"{self.settings.upstream.timeout_s:g}s (upstream.timeout_s)",
+                                  "upstream_timeout", headers)
+        ex.status = 502
+        return error_response(502, f"model {name!r}: bad upstream response: {failure.kind}",
+                              "upstream_error", headers)
+
+    async def _buffered(self, ex: Exchange, upstream: UpstreamResponse,
+                        attempt: int) -> HTTPResponse | None:
+        """Read a whole answer if it is small enough, else stream it through as it comes."""
+        length = upstream.content_length
         try:
-            body = await read_raw(upstream)
-        except httpx.TransportError as exc:
-            kind = classify_error(exc)
-            self.gw.metrics.upstream_errors.labels(ex.runtime.name, kind).inc()
-            ex.status = 502
-            return error_response(502, f"upstream response broke off: {kind}", "upstream_error",
-                                  ex.extra_headers)
-        ex.status = upstream.status_code
-        if upstream.status_code == 200 and b'"usage"' in body:
+            if length is not None and length <= self.buffer_cap:
+                body = await upstream.read()
+            else:
+                buf = bytearray()
+                async for chunk in upstream.chunks():
+                    buf += chunk
+                    if len(buf) > self.buffer_cap:
+                        return await self._pass_through(ex, upstream, bytes(buf))
+                body = bytes(buf)
+        except UpstreamFailure as failure:
+            self._count(ex, failure, attempt)
+            return self._failure_response(ex, failure, attempt)
+        ex.status = upstream.status
+        if upstream.status == 200 and b'"usage"' in body:
             ex.usage = _usage(body)
-        headers = end_to_end_headers(upstream.headers)
-        headers.update(ex.extra_headers)
-        return HTTPResponse(body, status=upstream.status_code, headers=headers)
+        return self._client_response(ex, upstream, body)
 
-    async def _stream(self, ex: Exchange, upstream: httpx.Response) -> None:
-        headers = end_to_end_headers(upstream.headers)
-        headers.update(ex.extra_headers)
-        headers["X-Accel-Buffering"] = "no"
-        ex.status = upstream.status_code
-        response = await ex.request.respond(status=upstream.status_code, headers=headers)
+    def _client_response(self, ex: Exchange, upstream: UpstreamResponse,
+                         body: bytes | None) -> RawResponse:
+        response = RawResponse(body, status=upstream.status, content_type=content_type(upstream))
+        for k, v in response_header_items(upstream):
+            response.headers.add(k, v)
+        for k, v in ex.extra_headers.items():
+            response.headers[k] = v
+        return response
+
+    async def _pass_through(self, ex: Exchange, upstream: UpstreamResponse,
+                            head: bytes) -> None:
+        """A large non-streamed answer: relay it, keeping only a tail for its usage."""
+        response = self._client_response(ex, upstream, None)
+        if upstream.content_length is not None:
+            response.headers["content-length"] = str(upstream.content_length)
+        ex.status = upstream.status
+        out = await ex.request.respond(response)
+        ex.streaming = True
+        tail = head[-USAGE_TAIL:]
+        try:
+            await out.send(head)
+            async for chunk in upstream.chunks():
+                tail = (tail + chunk)[-USAGE_TAIL:]
+                await out.send(chunk)
+        except UpstreamFailure as failure:
+            self._count(ex, failure, 1)
+            ex.status = 502
+            ex.request.transport.abort()  # a cut-off body must not look complete
+            return None
+        if upstream.status == 200 and b'"usage"' in tail:
+            ex.usage = _usage(tail)
+        await out.eof()
+        return None
+
+    async def _stream(self, ex: Exchange, upstream: UpstreamResponse) -> None:
+        response = self._client_response(ex, upstream, None)
+        response.headers["X-Accel-Buffering"] = "no"
+        ex.status = upstream.status
+        out = await ex.request.respond(response)
+        ex.streaming = True
         first = True
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.chunks():
                 if first:
-                    self.gw.series(self.gw.metrics.ttft, ex.runtime.name).observe(
+                    self.metrics.child(self.metrics.ttft, ex.runtime.name).observe(
                         time.perf_counter() - ex.started)
                     first = False
                 if b'"prompt_tokens"' in chunk:
                     ex.usage = _usage_from_sse(chunk) or ex.usage
-                await response.send(chunk)
-        except httpx.TransportError as exc:
-            kind = classify_error(exc)
-            self.gw.metrics.upstream_errors.labels(ex.runtime.name, kind).inc()
-            await self._end_broken_stream(ex, response, f"upstream stream broke off: {kind}")
+                await out.send(chunk)
+        except UpstreamFailure as failure:
+            if ex.abort_reason:
+                await self._end_stream(ex, out, "the gateway is shutting down", ex.abort_reason)
+                return
+            self._count(ex, failure, 1)
+            self.metrics.stream_errors.labels(ex.runtime.name).inc()
+            await self._end_stream(ex, out, f"upstream stream broke off: {failure.kind}",
+                                   "upstream_error")
             return
-        except Exception as exc:  # never leave a client hanging on a half-sent stream
-            log.exception("stream for %s failed", ex.runtime.name)
-            await self._end_broken_stream(ex, response, f"gateway error: {type(exc).__name__}")
-            return
-        await response.eof()
+        await out.eof()
 
-    async def _end_broken_stream(self, ex: Exchange, response: Any, message: str) -> None:
-        self.gw.metrics.stream_errors.labels(ex.runtime.name).inc()
-        ex.status = 502
-        await response.send(sse_error_event(message, "upstream_error"))
-        await response.eof()
-
-    def _unavailable(self, ex: Exchange, message: str) -> HTTPResponse:
-        ex.status = 503
-        headers = dict(ex.extra_headers)
-        headers["Retry-After"] = "5"
-        return error_response(503, f"model {ex.runtime.name!r}: {message}", "upstream_unavailable",
-                              headers)
-
-
-class _RetryableFailure(Exception):
-    def __init__(self, outcome: UpstreamOutcome, response: HTTPResponse) -> None:
-        self.outcome = outcome
-        self.response = response
+    async def _end_stream(self, ex: Exchange, out: Any, message: str, code: str) -> None:
+        ex.status = 502 if code == "upstream_error" else 503
+        await out.send(sse_error_event(message, code, ex.status))
+        await out.eof()
 
 
 _DECODER = json.JSONDecoder()
@@ -213,7 +327,7 @@ def _usage(body: bytes) -> dict[str, Any]:
     try:
         text = body[colon + 1:].decode("utf-8", "replace").lstrip()
         usage, _ = _DECODER.raw_decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return usage if isinstance(usage, dict) else {}
 

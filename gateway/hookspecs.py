@@ -106,9 +106,11 @@ def decide_retry(outcome: UpstreamOutcome, settings: RetrySettings) -> RetryDeci
     """Whether and after how long to retry a failed upstream attempt.
 
     Only called before the first byte reached the client; the core caps attempts at
-    ``settings.retries + 1``. Built-in (trylast): exponential backoff on connect,
-    timeout and pool errors; HTTP errors are passed through, never retried.
-    Stops at first non-None; sync only.
+    ``settings.retries + 1``. ``outcome.kind`` is the gateway's own classification;
+    ``outcome.sent`` is False only when the request provably never reached the server;
+    for a 5xx or 429 answer ``outcome.status`` is set (kind ``http_5xx``/``http_429``).
+    Built-in (trylast): exponential backoff when not sent; never retries anything that
+    may have reached vLLM, nor an HTTP answer. Stops at first non-None; sync only.
     """
 
 

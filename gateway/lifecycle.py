@@ -1,30 +1,29 @@
 """One model's runtime: its admission queue, its server, its pool, its state.
 
 ``ModelRuntime`` owns everything about one model. State changes happen only here
-(``mark_*``) and only in synchronous code. Starting and stopping are orchestrated by
-the fleet (which owns placement); at most one such transition runs per model, and
-every request that needs the model awaits that same transition.
+(``mark_*``) and only in synchronous code. Transitions (start, stop, sleep, wake) are
+the fleet's: it owns placement, runs at most one transition per model, and every
+request that needs the model awaits that same transition (``Fleet.ensure_ready``).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
 from gateway.admission import ModelAdmission
 from gateway.config import ModelConfig, Settings
 from gateway.metrics import ModelGauges
+from gateway.redact import redact, secrets_of
 from gateway.types import BackendDriver, ModelState, ModelView, RunningServer
 from gateway.upstream import UpstreamPool
 
-if TYPE_CHECKING:
-    from gateway.fleet import Fleet
-
-
 log = logging.getLogger("vllm_gateway.lifecycle")
+LOG_LINES_LOGGED = 20
+MAX_TAIL_CHARS = 600
 
 
 class StartFailed(Exception):
@@ -54,18 +53,6 @@ class ModelRuntime:
     @property
     def manages_lifecycle(self) -> bool:
         return bool(getattr(self.driver, "manages_lifecycle", True))
-
-    async def ensure_ready(self, fleet: Fleet) -> None:
-        """Return once the model serves; start it (once, shared) if needed.
-
-        A pending transition is awaited even while the state still reads "ready": a stop
-        task created this loop iteration has not run yet, and its pool is about to close.
-        """
-        while self.state != "ready" or self.transition is not None:
-            if self.transition is None:
-                self.transition = asyncio.create_task(fleet.start(self), name=f"start:{self.name}")
-            # shield: a client that gives up must not cancel the start others wait on
-            await asyncio.shield(self.transition)
 
     def mark_starting(self) -> None:
         self.state = "starting"
@@ -119,12 +106,8 @@ class ModelRuntime:
         path = "/health"
         while True:
             if not await self.driver.is_running(self.cfg, server):
-                tail = await self.driver.logs_tail(self.cfg, server)
-                if tail:
-                    log.error("model %s: server exited during start-up; last log lines:\n%s",
-                              self.name, tail.rstrip())
-                raise StartFailed(f"model {self.name!r}: server exited during start-up "
-                                  "(its last log lines are in the gateway log)")
+                raise StartFailed(f"model {self.name!r}: server exited during start-up"
+                                  f"{await self.last_log_lines(server)}")
             try:
                 resp = await client.get(base + path, timeout=min(5.0, interval_s * 4 + 1))
                 if resp.status_code == 200:
@@ -136,8 +119,22 @@ class ModelRuntime:
                 pass
             if time.monotonic() >= deadline:
                 raise StartFailed(f"model {self.name!r}: not healthy after {timeout_s:g}s "
-                                  f"(start_timeout_s)")
+                                  f"(start_timeout_s){await self.last_log_lines(server)}")
             await asyncio.sleep(interval_s)
+
+    async def last_log_lines(self, server: RunningServer, lines: int = 3) -> str:
+        """The server's last log lines, secrets masked, as one line for an error message
+        (clients see it in the 503, operators in /gateway/status last_error)."""
+        try:
+            tail = await self.driver.logs_tail(self.cfg, server, LOG_LINES_LOGGED)
+        except Exception:
+            return ""
+        tail = redact(tail, secrets_of(self.cfg, self.settings)).strip()
+        if not tail:
+            return ""
+        log.error("model %s: last server log lines:\n%s", self.name, tail)
+        last = [ln.strip() for ln in tail.splitlines() if ln.strip()][-lines:]
+        return "; last log lines: " + " | ".join(last)[-MAX_TAIL_CHARS:]
 
     def view(self) -> ModelView:
         a = self.admission
@@ -159,7 +156,8 @@ class ModelRuntime:
                            anomalies_total=a.anomalies_total,
                            pool_size=pool.size if pool else 0,
                            pool_in_use=pool.connections_in_use if pool else 0,
-                           vram_reserved_mib=self.reserved_mib())
+                           vram_reserved_mib=self.reserved_mib(),
+                           stalled_seconds=a.stalled_seconds())
 
     def status(self) -> dict[str, Any]:
         a = self.admission

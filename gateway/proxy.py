@@ -8,18 +8,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
 
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
-from gateway.admission import QueueFull, QueueTimeout
+from gateway.admission import QueueFull, QueueTimeout, ShuttingDown
 from gateway.config import Settings
 from gateway.errors import error_response
 from gateway.fleet import Fleet
 from gateway.forward import Exchange, Forwarder
+from gateway.intake import Intake, RequestReader
 from gateway.lifecycle import ModelRuntime, StartFailed
 from gateway.metrics import REJECTION_REASONS, GatewayMetrics
+from gateway.paths import PathPolicy
 from gateway.plugins import HookRunner, PluginError
 from gateway.tracing import Tracing
 from gateway.types import Rejection, RequestInfo
@@ -37,55 +38,56 @@ class Gateway:
         self.fleet = fleet
         self.metrics = metrics
         self.tracing = tracing
-        self.forwarder = Forwarder(self)
+        self.forwarder = Forwarder(settings, hooks, fleet, metrics, tracing)
+        self.reader = RequestReader(settings.limits, PathPolicy(settings.upstream.extra_paths))
+        self.active: set[Exchange] = set()  # admitted exchanges, for the shutdown deadline
+        self.draining = False
         self._admission_hooks = hooks.has_impls("admit_request")
-        self._series: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
-    def series(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, looked up once per label set: ``labels()`` checks its
-        arguments and takes a lock on every call. Label values are bounded (metrics.py)."""
-        child = self._series.get((metric, labels))
-        if child is None:
-            child = self._series[(metric, labels)] = metric.labels(*labels)
-        return child
-
-    async def handle(self, request: Request, path: str) -> HTTPResponse | None:
+    async def handle(self, request: Request) -> HTTPResponse | None:
         started = time.perf_counter()
-        endpoint = ENDPOINTS.get(path, "other")
-        model_label, status = "", 500
+        endpoint, model_label, status = "other", "", 500
+        intake = None
         try:
-            parsed = _parse(request)
-            if isinstance(parsed, HTTPResponse):
-                status = parsed.status
-                self.metrics.rejections.labels("", "bad_request").inc()
-                return parsed
-            payload, model = parsed
-            rt = self.fleet.get(model)
+            if self.draining:
+                status = 503
+                self.metrics.rejections.labels("", "shutting_down").inc()
+                return self.shutting_down()
+            intake = await self.reader.read(request)
+            if isinstance(intake, HTTPResponse):
+                status = intake.status
+                self.metrics.rejections.labels("", "too_large" if status == 413
+                                               else "bad_request").inc()
+                return intake
+            endpoint = ENDPOINTS.get(intake.path, "other")
+            rt = self.fleet.get(intake.model)
             if rt is None:
                 status = 404
                 self.metrics.rejections.labels("", "unknown_model").inc()
-                return error_response(404, f"The model `{model}` does not exist. "
+                return error_response(404, f"The model `{intake.model}` does not exist. "
                                       f"Available: {', '.join(self.fleet.runtimes)}",
                                       "model_not_found")
-            model_label = model
+            model_label = intake.model
             with self.tracing.request_span("gateway.request", request.headers, {
-                    "gen_ai.operation.name": _operation(endpoint), "gen_ai.request.model": model,
-                    "http.request.method": request.method, "url.path": path,
-                    "gen_ai.system": "vllm"}):
-                response, status = await self._serve(request, path, rt, payload)
+                    "gen_ai.operation.name": _operation(endpoint),
+                    "gen_ai.request.model": intake.model, "http.request.method": request.method,
+                    "url.path": intake.path, "gen_ai.system": "vllm"}):
+                response, status = await self._serve(request, rt, intake)
                 self.tracing.set_attributes({"http.response.status_code": status})
                 return response
         except asyncio.CancelledError:  # the client went away (Sanic cancels the handler)
             status = CLIENT_CLOSED
             raise
         finally:
-            self.series(self.metrics.requests, model_label, endpoint, str(status)).inc()
-            self.series(self.metrics.request_duration, model_label, endpoint).observe(
+            self.reader.release(intake)
+            self.metrics.child(self.metrics.requests, model_label, endpoint, str(status)).inc()
+            self.metrics.child(self.metrics.request_duration, model_label, endpoint).observe(
                 time.perf_counter() - started)
 
-    async def _serve(self, request: Request, path: str, rt: ModelRuntime,
-                     payload: dict[str, Any]) -> tuple[HTTPResponse | None, int]:
-        ex = Exchange(request, rt, path, payload, request.body, payload.get("stream") is True,
+    async def _serve(self, request: Request, rt: ModelRuntime,
+                     intake: Intake) -> tuple[HTTPResponse | None, int]:
+        payload = intake.payload
+        ex = Exchange(request, rt, intake.path, payload, intake.body, intake.stream,
                       time.perf_counter())
         if self._admission_hooks:
             rejected = await self._admit(ex.info(), rt)
@@ -93,9 +95,11 @@ class Gateway:
                 return rejected, rejected.status
         if rt.served_model_name and payload.get("model") != rt.served_model_name:
             ex.body = json.dumps({**payload, "model": rt.served_model_name}).encode()
+        ex.task = asyncio.current_task()
+        self.active.add(ex)
         try:
             async with rt.admission.slot() as waited:
-                self.series(self.metrics.queue_wait, rt.name).observe(waited)
+                self.metrics.child(self.metrics.queue_wait, rt.name).observe(waited)
                 self.tracing.event("gateway.queue_wait", {"wait_s": waited})
                 ex.extra_headers = self.queue_headers(rt)
                 response = await self._forward(ex)
@@ -107,15 +111,52 @@ class Gateway:
         except QueueTimeout:
             return self._reject(rt, 429, "queue_timeout", f"model {rt.name!r}: no free slot "
                                 f"within {rt.admission.queue_timeout_s:g}s"), 429
+        except ShuttingDown:
+            self.metrics.rejections.labels(rt.name, "shutting_down").inc()
+            return self.shutting_down(), 503
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not ex.abort_reason or ex.streaming or task is None:
+                raise
+            task.uncancel()  # the gateway ended it at the shutdown deadline: say so
+            return self.shutting_down(), 503
+        finally:
+            self.active.discard(ex)
+
+    # --- shutdown ---------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Stop taking requests: new and queued ones get 503; in-flight ones go on."""
+        self.draining = True
+        for rt in self.fleet.runtimes.values():
+            rt.admission.close()
+        self.fleet.stop_starting()
+
+    def abort_active(self, reason: str) -> None:
+        """End every request still in flight: open streams get an SSE error event, the
+        rest a 503 (used when the shutdown grace runs out)."""
+        for ex in list(self.active):
+            ex.abort_reason = reason
+            if ex.streaming and ex.upstream is not None:
+                ex.upstream.abort()
+            elif not ex.streaming and ex.task is not None:
+                ex.task.cancel()
+
+    def shutting_down(self) -> HTTPResponse:
+        return error_response(503, "the gateway is shutting down; retry on another instance "
+                              "or shortly", "shutting_down", {"Retry-After": "5"})
 
     async def _forward(self, ex: Exchange) -> HTTPResponse | None:
         rt = ex.runtime
         try:
             if rt.state != "ready":
                 with self.tracing.span("gateway.cold_start", {"gen_ai.request.model": rt.name}):
-                    await rt.ensure_ready(self.fleet)
+                    await self.fleet.ensure_ready(rt)
             return await self.forwarder.send(ex)
         except StartFailed as exc:
+            if self.draining:
+                ex.status = 503
+                return self.shutting_down()
             ex.status = 503
             headers = dict(ex.extra_headers)
             headers["Retry-After"] = "10"
@@ -158,14 +199,6 @@ class Gateway:
         return {"X-Queue-Depth": str(a.waiting), "X-Max-Concurrent": str(a.max_concurrent),
                 "X-Max-Queue-Size": str(a.max_queue)}
 
-    def pick_url(self, ex: Exchange) -> str:
-        rt = ex.runtime
-        if len(rt.urls) == 1:
-            return rt.urls[0]
-        choice = self.hooks.first("select_backend", request=ex.info(), model=rt.view(),
-                                  candidates=rt.urls, in_flight=dict(rt.url_in_flight))
-        return choice if choice in rt.urls else rt.urls[0]
-
     def _count_tokens(self, ex: Exchange) -> None:
         usage = ex.usage
         if not usage:
@@ -174,7 +207,7 @@ class Gateway:
         for key, kind in (("prompt_tokens", "input"), ("completion_tokens", "output")):
             value = usage.get(key)
             if isinstance(value, int) and value > 0:
-                self.series(self.metrics.tokens, name, kind).inc(value)
+                self.metrics.child(self.metrics.tokens, name, kind).inc(value)
         self.tracing.set_attributes({"gen_ai.usage.input_tokens": usage.get("prompt_tokens") or 0,
                                      "gen_ai.usage.output_tokens": usage.get("completion_tokens") or 0})
 
@@ -182,16 +215,3 @@ class Gateway:
 def _operation(endpoint: str) -> str:
     return {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}.get(
         endpoint, "other")
-
-
-def _parse(request: Request) -> tuple[dict[str, Any], str] | HTTPResponse:
-    try:
-        payload = json.loads(request.body or b"")
-    except (ValueError, UnicodeDecodeError) as exc:
-        return error_response(400, f"request body is not valid JSON: {exc}", "invalid_json")
-    if not isinstance(payload, dict):
-        return error_response(400, "request body must be a JSON object", "invalid_request")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        return error_response(400, "`model` is required and must be a string", "missing_model")
-    return payload, model

@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 ModelState = Literal["stopped", "starting", "ready", "stopping", "sleeping"]
-ErrorKind = Literal["connect", "timeout", "pool_timeout", "read", "protocol", "http_5xx", "http_4xx"]
+# How an upstream attempt failed, as the gateway itself classified it (gateway/upstream.py).
+# Not sent (safe to retry): connect (refused/unreachable), dns, connect_timeout,
+# pool_timeout. Sent or maybe sent: read_timeout, disconnected (closed or reset after the
+# request was written), truncated (body cut short), protocol (not HTTP, oversize headers),
+# http_5xx / http_429 (the server answered; ``status`` says what).
+ErrorKind = Literal["connect", "dns", "connect_timeout", "pool_timeout", "read_timeout",
+                    "disconnected", "truncated", "protocol", "http_5xx", "http_429"]
 
 
 @dataclass(frozen=True)
@@ -43,9 +49,40 @@ class ModelView:
         return self.waiting > 0 or self.in_flight > 0
 
 
+class ReadOnlyJSON(Mapping[str, Any]):
+    """A read-only view of a decoded JSON object; nested objects and lists come back as
+    read-only views too (lists as tuples), so a hook cannot change what is forwarded."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return _read_only(self._data[key])
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"ReadOnlyJSON({self._data!r})"
+
+
+def _read_only(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ReadOnlyJSON(value)
+    if isinstance(value, list):
+        return tuple(_read_only(v) for v in value)
+    return value
+
+
 @dataclass(frozen=True)
 class RequestInfo:
-    """What admission and selection hooks know about an incoming request."""
+    """What admission and selection hooks know about an incoming request: read-only
+    copies (headers with lower-cased names, repeats joined) and views, never live objects."""
 
     model: str
     path: str
@@ -74,8 +111,9 @@ class UpstreamOutcome:
     model: str
     attempt: int  # 1-based
     kind: ErrorKind
-    status: int | None = None
+    status: int | None = None  # the HTTP status when the server answered (http_5xx, http_429)
     error: str = ""
+    sent: bool = True  # False only when the request provably never reached the server
 
 
 @dataclass(frozen=True)

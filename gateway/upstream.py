@@ -1,93 +1,162 @@
-"""Per-model upstream connection pools.
+"""Per-model upstream connection pools, and what can go wrong talking to a model server.
 
-Each running model gets its own pool, sized to its max_concurrent, so one busy model
-cannot take another's connections (the seed shared one pool and sized its keepalive
-set smaller than the pool). We keep httpx's API and use the aiohttp transport:
-httpx's own httpcore pool collapses under concurrency on small hosts and can leak a
-slot when a request is cancelled under contention (httpcore #1093); see README for
-the measurements behind this choice.
+Each running model gets its own aiohttp pool, sized to its max_concurrent, so one busy
+model cannot take another's connections. The gateway classifies every failure itself,
+from aiohttp's own exceptions: whether a retry is safe depends on whether the request
+provably never reached the server (refused, DNS, connect or pool timeout), and
+httpx-style mappings blur exactly that line (a connection closed after the request was
+written is not a connect error). Every failure, including garbage instead of HTTP and
+oversized headers, becomes one ``UpstreamFailure`` with a bounded ``kind``.
 """
 from __future__ import annotations
 
-import http.cookiejar
+import asyncio
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
-import httpx
-from httpx_aiohttp import AiohttpTransport
-from httpx_aiohttp.transport import AiohttpResponseStream, map_aiohttp_exceptions
+from yarl import URL
 
 from gateway.types import ErrorKind
 
-# Hop-by-hop headers (RFC 9110 7.6.1) and ones the proxy recomputes.
+# Hop-by-hop headers (RFC 9110 7.6.1), ones the proxy recomputes, and Expect (the
+# gateway has the whole body already; a server without 100-continue would wait for it).
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+    "trailers", "transfer-encoding", "upgrade", "host", "content-length", "expect",
+    "proxy-connection",
 })
+# Kinds where the request provably did not reach the server: safe to send again.
+NOT_SENT: frozenset[str] = frozenset({"connect", "dns", "connect_timeout", "pool_timeout"})
+# vLLM closes idle keep-alive connections after 5 s; reusing one it is closing would turn
+# a healthy request into an ambiguous "disconnected". Stay well below it.
+KEEPALIVE_S = 3.0
+
+
+class UpstreamFailure(Exception):
+    """One failed exchange with a model server: ``kind`` is bounded, ``detail`` is for logs."""
+
+    def __init__(self, kind: ErrorKind, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+    @property
+    def sent(self) -> bool:
+        """False only when the request provably never reached the server."""
+        return self.kind not in NOT_SENT
+
+
+def classify(exc: BaseException, pool_was_full: bool = False) -> UpstreamFailure:
+    """Map an aiohttp (or timeout) exception to an ``UpstreamFailure``."""
+    detail = f"{type(exc).__name__}: {exc}"[:300]
+    if isinstance(exc, UpstreamFailure):
+        return exc
+    if isinstance(exc, getattr(aiohttp, "ClientConnectorDNSError", ())):
+        return UpstreamFailure("dns", detail)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamFailure("connect", detail)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamFailure("pool_timeout" if pool_was_full else "connect_timeout", detail)
+    if isinstance(exc, (aiohttp.SocketTimeoutError, asyncio.TimeoutError, TimeoutError)):
+        return UpstreamFailure("read_timeout", detail)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamFailure("truncated", detail)
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                        ConnectionError)):
+        return UpstreamFailure("disconnected", detail)
+    return UpstreamFailure("protocol", detail)  # garbage, oversize headers, bad framing
+
+
+class UpstreamResponse:
+    """A model server's answer, headers read, body not yet: read it whole or in chunks."""
+
+    __slots__ = ("_resp", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+
+    def header_items(self) -> Iterable[tuple[str, str]]:
+        """Every header as sent, repeats kept (two Set-Cookie stay two)."""
+        return self._resp.headers.items()
+
+    @property
+    def content_length(self) -> int | None:
+        return self._resp.content_length
+
+    async def read(self) -> bytes:
+        try:
+            return await self._resp.read()
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise classify(exc) from None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive; failures surface as ``UpstreamFailure``."""
+        content = self._resp.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                raise classify(exc) from None
+            if not chunk:
+                return
+            yield chunk
+
+    def abort(self) -> None:
+        """Close the connection at once (unblocks a pending read)."""
+        self._resp.close()
+
+    def release(self) -> None:
+        """Done with it: a fully read connection returns to the pool, others are closed."""
+        resp = self._resp
+        if resp.content.is_eof():
+            resp.release()
+        else:
+            resp.close()
 
 
 class UpstreamPool:
-    """One model's HTTP client; ``in_use`` is the gateway's own count of open requests."""
+    """One model's HTTP client; ``in_use`` is the gateway's own count of open requests.
+
+    Transparent by construction: no cookie jar (one client's Set-Cookie must not ride on
+    another's request), no invented headers, no proxy settings from the environment.
+    """
 
     def __init__(self, size: int, connect_timeout_s: float, timeout_s: float) -> None:
         self.size = size
         self.in_use = 0
-        connector = aiohttp.TCPConnector(limit=size, limit_per_host=0, keepalive_timeout=30,
-                                         enable_cleanup_closed=False, ttl_dns_cache=None)
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                              skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
-        self._connector = connector
-        # A proxy's client must be transparent: no cookie jar (one client's Set-Cookie
-        # would ride along on another's requests), no default headers (httpx would add
-        # Accept-Encoding and User-Agent), no proxy settings from the environment.
-        self.client = httpx.AsyncClient(
-            transport=AiohttpTransport(client=self._session), trust_env=False,
-            cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[])),
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=connect_timeout_s),
-        )
-        self.client.headers.clear()  # the setter would merge httpx's defaults back in
-        t = self.client.timeout  # as httpx_aiohttp maps httpx.Timeout
-        self._timeout = aiohttp.ClientTimeout(sock_connect=t.connect, sock_read=t.read,
-                                              connect=t.pool)
+        self._connector = aiohttp.TCPConnector(limit=size, limit_per_host=0,
+                                               keepalive_timeout=KEEPALIVE_S,
+                                               enable_cleanup_closed=False, ttl_dns_cache=None)
+        self._session = aiohttp.ClientSession(
+            connector=self._connector, auto_decompress=False, trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
+        # connect covers waiting for a pooled connection as well as the TCP connect.
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s,
+                                              sock_connect=connect_timeout_s,
+                                              sock_read=timeout_s)
 
-    async def request(self, method: str, url: str, *, content: bytes, headers: dict[str, str],
-                      params: str | None = None) -> httpx.Response:
-        """``client.send(client.build_request(...), stream=True)``, cheaper when it can be.
-
-        Building an ``httpx.Request`` and walking ``send``'s auth/redirect/cookie layers
-        cost more CPU than all the rest of the gateway's work (bench/README.md). Our client
-        has none of those features switched on, so a plain request (no query string, no
-        userinfo, ASCII headers) goes to the same aiohttp session the transport uses,
-        with the headers httpx would send (names lowercased, repeats joined) and the same
-        timeouts and exception mapping. The caller gets an ``httpx.Response`` either way;
-        on the fast path ``response.request`` and ``response.elapsed`` are not set.
-        """
-        merged = None if params or "@" in url else self._merge_headers(headers)
-        if merged is None:
-            req = self.client.build_request(method, url, content=content, headers=headers,
-                                            params=params)
-            return await self.client.send(req, stream=True)
-        with map_aiohttp_exceptions():
-            response = await self._session.request(
-                method, url, headers=merged, data=content or None, allow_redirects=False,
+    async def request(self, method: str, base: str, path: str, *, content: bytes,
+                      headers: dict[str, str], query: str = "") -> UpstreamResponse:
+        """Send one request to ``base + path`` exactly as given (no re-normalisation)."""
+        url = URL(base + path + (f"?{query}" if query else ""), encoded=True)
+        pool_was_full = self.connections_in_use >= self.size
+        try:
+            resp = await self._session.request(
+                method, url, headers=headers, data=content or None, allow_redirects=False,
                 auto_decompress=False, compress=False, timeout=self._timeout,
-            ).__aenter__()
-        extensions = {"http_version": b"HTTP/1.1"}
-        if response.reason:
-            extensions["reason_phrase"] = response.reason.encode()
-        return httpx.Response(status_code=response.status, headers=response.raw_headers,
-                              stream=_Body(response), extensions=extensions)
-
-    def _merge_headers(self, headers: dict[str, str]) -> dict[str, str] | None:
-        """What ``client.build_request(headers=headers).headers.items()`` would give
-        (aiohttp adds Host and Content-Length); None when a name or value is not ASCII."""
-        sent: dict[str, str] = {}
-        for k, v in headers.items():
-            if not (k.isascii() and v.isascii()):
-                return None
-            lk = k.lower()
-            sent[lk] = f"{sent[lk]}, {v}" if lk in sent else v
-        return sent
+                max_line_size=16384, max_field_size=16384)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise classify(exc, pool_was_full) from None
+        return UpstreamResponse(resp)
 
     @property
     def connections_in_use(self) -> int:
@@ -96,47 +165,48 @@ class UpstreamPool:
         return len(acquired) if acquired is not None else self.in_use
 
     async def aclose(self) -> None:
-        await self.client.aclose()
         await self._session.close()
 
 
-class _Body(AiohttpResponseStream):
-    """httpx_aiohttp's response stream, keeping the aiohttp response for ``read_raw``."""
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        super().__init__(response)
-        self.aiohttp_response = response
-
-
-async def read_raw(response: httpx.Response) -> bytes:
-    """``b"".join(response.aiter_raw())``: the undecoded body; the response is closed after.
-
-    A body from ``UpstreamPool.request``'s fast path is read in one await instead of
-    through httpx's chain of async generators; errors are the same httpx exceptions.
-    """
-    stream = response.stream
-    if not isinstance(stream, _Body) or response.is_stream_consumed or response.is_closed:
-        return b"".join([chunk async for chunk in response.aiter_raw()])
-    response.is_stream_consumed = True
-    with map_aiohttp_exceptions():
-        body = await stream.aiohttp_response.read()
-    await response.aclose()
-    return body
+def forward_request_headers(headers: Any) -> dict[str, str]:
+    """Client headers to send upstream: end-to-end ones only (RFC 9110 7.6.1), including
+    dropping every header the client's Connection header names. Repeats are joined."""
+    named = _connection_named(headers.getall("connection", []) if hasattr(headers, "getall")
+                              else [headers.get("connection", "")])
+    out: dict[str, str] = {}
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk in HOP_BY_HOP or lk in named:
+            continue
+        out[lk] = f"{out[lk]}, {v}" if lk in out else v
+    return out
 
 
-def classify_error(exc: BaseException) -> ErrorKind:
-    """Map an httpx transport error to the bounded ``kind`` label and retry input."""
-    if isinstance(exc, httpx.PoolTimeout):
-        return "pool_timeout"
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-        return "connect"
-    if isinstance(exc, httpx.TimeoutException):
-        return "timeout"
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return "protocol"
-    return "read"
+def response_header_items(resp: UpstreamResponse) -> list[tuple[str, str]]:
+    """Upstream response headers to pass to the client, repeats kept, hop-by-hop dropped."""
+    items = list(resp.header_items())
+    named = _connection_named([v for k, v in items if k.lower() == "connection"])
+    return [(k, v) for k, v in items if k.lower() not in HOP_BY_HOP and k.lower() not in named
+            and k.lower() != "content-type"]
 
 
-def end_to_end_headers(headers: Any) -> dict[str, str]:
-    """Headers to pass on, either way through the proxy: all but hop-by-hop ones."""
-    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+def content_type(resp: UpstreamResponse) -> str | None:
+    for k, v in resp.header_items():
+        if k.lower() == "content-type":
+            return v
+    return None
+
+
+def _connection_named(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
+def bad_header_value(headers: Any) -> str | None:
+    """The name of the first header whose value cannot be forwarded (control characters,
+    non-ASCII), or None. Checked before admission, so a bad header costs no slot."""
+    for k, v in headers.items():
+        if v.isascii() and v.isprintable():
+            continue
+        if not v.isascii() or any(c != "\t" and not c.isprintable() for c in v):
+            return k
+    return None

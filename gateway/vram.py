@@ -18,7 +18,6 @@ from gateway.plugins import PluginError
 
 if TYPE_CHECKING:
     from gateway.config import ModelConfig, Settings
-    from gateway.lifecycle import ModelRuntime
     from gateway.plugins import HookRunner
     from gateway.types import EvictionRequest, VramReading
 
@@ -114,14 +113,16 @@ class GpuBudget:
             return 0
         return self.footprints.get(cfg.name) or self.settings.gpu.estimate_mib
 
-    def learn(self, rt: ModelRuntime, used_before: int | None) -> None:
-        """Record what a start took: used memory after it became healthy minus before."""
-        if rt.cfg.vram_mib or used_before is None:
-            return
+    def learn(self, cfg: ModelConfig, used_before: int | None) -> int | None:
+        """Record what a start took (used memory after it became healthy minus before)
+        and return it; None when the footprint is configured or nothing was measured."""
+        if cfg.vram_mib or used_before is None:
+            return None
         used_after = self.used_mib()
-        if used_after is not None and used_after > used_before:
-            rt.vram_mib = used_after - used_before
-            self.footprints.learn(rt.name, rt.vram_mib)
+        if used_after is None or used_after <= used_before:
+            return None
+        self.footprints.learn(cfg.name, used_after - used_before)
+        return used_after - used_before
 
 
 def shortfall(req: EvictionRequest) -> str | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import start_simulator
+from helpers import free_port, start_simulator
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -348,37 +348,51 @@ def test_select_backend_answer_outside_candidates_is_ignored():
     rt.state, rt.urls = "ready", ("http://127.0.0.1:1", "http://127.0.0.1:2")
     request = types.SimpleNamespace(method="POST", headers={}, remote_addr="", ip="")
     ex = Exchange(request, rt, "/v1/chat/completions", {}, b"", False, 0.0)
-    assert gw.pick_url(ex) == "http://127.0.0.1:1"
+    assert gw.forwarder.pick_url(ex) == "http://127.0.0.1:1"
 
 
 # --- decide_retry --------------------------------------------------------------------
 
 
 def test_hook_decide_retry(tmp_path, sim):
-    """Upstream timeouts: the built-in retries (retries: 2 -> 3 attempts); the plugin
-    (answering for ``no-retry`` only) makes it one attempt."""
+    """The built-in retries only what provably never reached the server (connect errors:
+    retries: 2 -> 3 attempts); a read timeout is one delivery and a 504 at once. The
+    ``no_retry`` plugin makes connect errors one attempt; ``retry_503`` opts into
+    retrying vLLM's 503 answers, which it can tell by ``outcome.status``."""
+    dead = f"http://127.0.0.1:{free_port()}"
     cfg = {"upstream": {"timeout_s": 0.3, "retries": 2, "backoff_s": 0},
-           "plugins": {"modules": ["gwtest_plugins.no_retry"]},
-           "models": [{"name": name, "backend": "static", "url": sim.url, "served_model_name": "m"}
-                      for name in ("builtin", "no-retry")]}
+           "plugins": {"modules": ["gwtest_plugins.no_retry", "gwtest_plugins.retry_503"]},
+           "models": [{"name": "builtin", "backend": "static", "url": sim.url,
+                       "served_model_name": "m"},
+                      {"name": "retry-503", "backend": "static", "url": sim.url,
+                       "served_model_name": "m"},
+                      {"name": "dead", "backend": "static", "url": dead},
+                      {"name": "no-retry-dead", "backend": "static", "url": dead}]}
     with start_gateway(cfg, tmp_path) as gw:
-        # cumulative calls per implementation: the plugin is asked first every time, and
-        # the built-in only when the plugin has no opinion (model "builtin")
-        for model, attempts, calls in (("builtin", 3, {"gwtest_plugins.no_retry": 2,
-                                                       "backoff_retry": 2}),
-                                       ("no-retry", 1, {"gwtest_plugins.no_retry": 3,
-                                                        "backoff_retry": 2})):
-            before = sim_requests(sim)
-            r = gw.post("/v1/chat/completions", chat(model), headers={"X-Sim-Delay-Ms": "1000"})
+        before = sim_requests(sim)
+        r = gw.post("/v1/chat/completions", chat("builtin"), headers={"X-Sim-Delay-Ms": "1000"})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout", r.text
+        assert sim_requests(sim) - before == 1  # never re-sent
+        before = sim_requests(sim)
+        r = gw.post("/v1/chat/completions", chat("builtin"), headers={"X-Sim-Status": "503"})
+        assert r.status_code == 503 and sim_requests(sim) - before == 1  # passed through
+        before = sim_requests(sim)
+        r = gw.post("/v1/chat/completions", chat("retry-503"), headers={"X-Sim-Status": "503"})
+        assert r.status_code == 503 and sim_requests(sim) - before == 3  # opted in: 3 tries
+        for model, attempts in (("dead", 3), ("no-retry-dead", 1)):
+            r = gw.post("/v1/chat/completions", chat(model))
             assert r.status_code == 503, r.text
-            assert f"after {attempts} attempt(s): timeout" in r.json()["error"]["message"]
-            assert sim_requests(sim) - before == attempts
-            text = gw.get("/metrics").text
-            assert metric(text, "gateway_upstream_retries_total", model=model,
-                          kind="timeout") == attempts - 1
-            for plugin, count in calls.items():
-                assert metric(text, "gateway_plugin_duration_seconds_count", hook="decide_retry",
-                              plugin=plugin) == count, plugin
+            assert f"after {attempts} attempt(s): connect" in r.json()["error"]["message"]
+        text = gw.get("/metrics").text
+        assert metric(text, "gateway_upstream_retries_total", model="builtin",
+                      kind="read_timeout") == 0
+        assert metric(text, "gateway_upstream_retries_total", model="retry-503",
+                      kind="http_5xx") == 2
+        assert metric(text, "gateway_upstream_retries_total", model="dead", kind="connect") == 2
+        assert metric(text, "gateway_upstream_retries_total", model="no-retry-dead",
+                      kind="connect") == 0
+        assert metric(text, "gateway_plugin_duration_seconds_count", hook="decide_retry",
+                      plugin="gwtest_plugins.no_retry") > 0
 
 
 # --- select_evictions: the built-in LRU policy as a pure function ---------------------

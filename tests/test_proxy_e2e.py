@@ -51,7 +51,7 @@ def gw(sim, slow_sim, tmp_path_factory):
     config = {
         "limits": {"max_concurrent": 8, "max_queue": 16, "max_request_bytes": MAX_REQUEST_BYTES},
         "upstream": {"retries": RETRIES, "backoff_s": 0.05, "backoff_multiplier": 1,
-                     "connect_timeout_s": 3},
+                     "connect_timeout_s": 3, "extra_paths": ["/v1/not-a-gateway-route"]},
         "models": [
             {"name": SIM, "backend": "static", "url": sim.url},
             {"name": "alias", "backend": "static", "url": sim.url, "served_model_name": SIM},
@@ -355,13 +355,20 @@ def test_tokenize_passes_through(gw, sim):
     assert sim_stats(sim)["requests_total"] == before + 1
 
 
-def test_other_v1_path_passes_through(gw, sim):
+def test_configured_extra_path_passes_through(gw, sim):
     before = sim_stats(sim)["requests_total"]
     r = httpx.post(f"{gw.url}/v1/not-a-gateway-route", json={"model": SIM}, trust_env=False)
     # the simulator's (FastAPI-shaped) 404, not the gateway's own error body
     assert r.status_code == 404
     assert r.json() == {"detail": "Not Found"}
     assert sim_stats(sim)["requests_total"] == before + 1
+
+
+def test_path_outside_the_allow_list_never_reaches_the_server(gw, sim):
+    before = sim_stats(sim)["requests_total"]
+    r = httpx.post(f"{gw.url}/v1/some-private-thing", json={"model": SIM}, trust_env=False)
+    assert_openai_error(r, 404, "not_found")
+    assert sim_stats(sim)["requests_total"] == before
 
 
 # --- admission: queue bound, FIFO -------------------------------------------------------------

@@ -22,6 +22,15 @@ async def health(request: Request) -> HTTPResponse:
     return json_response({"status": "ok"})
 
 
+@admin.get("/ready")
+async def ready(request: Request) -> HTTPResponse:
+    """Readiness: 200 while taking requests; 503 while starting or draining."""
+    if not request.app.ctx.serving or request.app.ctx.gateway.draining:
+        return json_response({"status": "draining" if request.app.ctx.gateway.draining
+                              else "starting"}, status=503)
+    return json_response({"status": "ready"})
+
+
 @admin.get("/gateway/status")
 async def status(request: Request) -> HTTPResponse:
     fleet = request.app.ctx.gateway.fleet
