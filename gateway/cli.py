@@ -93,7 +93,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from gateway import simulator
+    import vllm_simulator.server as simulator
 
     simulator.main_from_args(args)
     return 0
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     plug.add_argument("--json", action="store_true")
     plug.set_defaults(func=cmd_plugins)
     sim = sub.add_parser("simulate", help="run a vLLM simulator")
-    from gateway import simulator
+    import vllm_simulator.server as simulator
     simulator.add_arguments(sim)
     sim.set_defaults(func=cmd_simulate)
     return parser

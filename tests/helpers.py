@@ -1,6 +1,6 @@
 """Shared test helpers: free ports, real vLLM-simulator subprocesses, HTTP readiness polling.
 
-``start_simulator`` runs ``python -m gateway.simulator`` as a real process (the same code path
+``start_simulator`` runs ``python -m vllm_simulator`` as a real process (the same code path
 the demo and load tests use). Use it as a context manager, or call ``.stop()`` in a fixture's
 teardown, so no simulator outlives its test::
 
@@ -102,7 +102,7 @@ class SimProcess:
 
 
 def start_simulator(name: str, port: int | None = None, **opts) -> SimProcess:
-    """Start ``python -m gateway.simulator`` serving model ``name``.
+    """Start ``python -m vllm_simulator`` serving model ``name``.
 
     ``opts`` become options: ``ttft_ms=0`` → ``--ttft-ms 0`` (also ``itl_ms``, ``startup_s``,
     ``max_num_seqs``, ``host``). ``wait=False`` returns at once instead of waiting for
@@ -119,7 +119,7 @@ def start_simulator(name: str, port: int | None = None, **opts) -> SimProcess:
         fd, log_name = tempfile.mkstemp(prefix=f"sim-{p}-", suffix=".log")
         with os.fdopen(fd, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway.simulator", "--port", str(p),
+                [sys.executable, "-m", "vllm_simulator", "--port", str(p),
                  "--served-model-name", name, *extra],
                 cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         sim = SimProcess(name, p, proc, Path(log_name))
@@ -160,7 +160,7 @@ def gateway_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 def sim_command(*opts: str) -> list[str]:
     """A process-backend ``command`` running the simulator with this interpreter."""
-    return [sys.executable, "-m", "gateway.simulator", "--port", "{port}",
+    return [sys.executable, "-m", "vllm_simulator", "--port", "{port}",
             "--served-model-name", "{name}", *opts]
 
 

@@ -136,7 +136,7 @@ def docker_model(name: str, startup_s: float = 0.5, **extra) -> dict[str, Any]:
     return {
         "name": name, "backend": "docker", "image": IMAGE, "network": "host", "gpus": "none",
         "volumes": _mounts(),
-        "command": [sys.executable, "-m", "gateway.simulator", "--port", "{port}",
+        "command": [sys.executable, "-m", "vllm_simulator", "--port", "{port}",
                     "--served-model-name", "{name}", "--startup-s", str(startup_s),
                     "--ttft-ms", "0", "--itl-ms", "0"],
         **extra,

@@ -92,7 +92,7 @@ SPAWNER = textwrap.dedent("""
     import os, subprocess, sys
     port, name, tag = sys.argv[1:4]
     subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", tag])
-    os.execv(sys.executable, [sys.executable, "-m", "gateway.simulator", "--port", port,
+    os.execv(sys.executable, [sys.executable, "-m", "vllm_simulator", "--port", port,
                               "--served-model-name", name, "--ttft-ms", "0", "--itl-ms", "0"])
 """)
 

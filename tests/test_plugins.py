@@ -49,7 +49,7 @@ from gwtest_process import run_cli, start_gateway
 from vllm_gateway_plugins import lru_eviction
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
-SIM_CMD = [sys.executable, "-m", "gateway.simulator", "--port", "{port}",
+SIM_CMD = [sys.executable, "-m", "vllm_simulator", "--port", "{port}",
            "--served-model-name", "{name}", "--ttft-ms", "0", "--itl-ms", "0"]
 
 

@@ -18,7 +18,8 @@ from helpers import free_port, start_simulator, wait_http_ok
 from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import simulator, simulator_text
+from vllm_simulator import server as simulator
+from vllm_simulator import text as simulator_text
 
 MODEL = "sim-model"
 CHAT = {"model": MODEL, "messages": [{"role": "system", "content": "be brief"},

@@ -1,6 +1,6 @@
 """A vLLM OpenAI-API simulator for the gateway's demo, tests and load tests.
 
-Run it with ``python -m gateway.simulator --port 8001 --served-model-name m`` (or
+Run it with ``python -m vllm_simulator --port 8001 --served-model-name m`` (or
 ``vllm-gateway simulate ...``). It serves what the gateway needs from vLLM, in vLLM's shapes:
 ``GET /health`` (503 for ``--startup-s`` after listening starts, then 200 with an empty body),
 ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with
@@ -53,8 +53,8 @@ from sanic import Request, Sanic
 from sanic.exceptions import MethodNotAllowed, NotFound
 from sanic.response import HTTPResponse
 
-from gateway import simulator_text as st
-from gateway.simulator_sleep import add_sleep_routes
+from vllm_simulator import text as st
+from vllm_simulator.sleep import add_sleep_routes
 
 UNGATED = ("/health", "/metrics", "/sim/stats")
 
@@ -354,7 +354,7 @@ def main_from_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gateway.simulator",
+    parser = argparse.ArgumentParser(prog="python -m vllm_simulator",
                                      description="Simulate a vLLM OpenAI-compatible server.")
     add_arguments(parser)
     main_from_args(parser.parse_args(argv))

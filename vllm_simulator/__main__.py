@@ -1,0 +1,4 @@
+"""``python -m vllm_simulator --port P --served-model-name NAME``."""
+from vllm_simulator.server import main
+
+main()
