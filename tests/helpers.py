@@ -111,7 +111,9 @@ def start_simulator(name: str, port: int | None = None, **opts) -> SimProcess:
     """
     wait = opts.pop("wait", True)
     timeout = opts.pop("timeout", START_TIMEOUT_S)
-    extra = [a for k, v in opts.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    extra = [a for k, v in opts.items()  # True: a bare flag (enable_sleep_mode=True)
+             for a in ((f"--{k.replace('_', '-')}",) if v is True
+                       else (f"--{k.replace('_', '-')}", str(v)))]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     for attempt in range(3):

@@ -27,6 +27,7 @@ from helpers import (
 from openai import AsyncOpenAI, OpenAI
 
 SIM = "sim-a"  # the fast simulator's served name
+EMBED = "embed-a"  # a pooling simulator (vLLM serves embeddings only with --runner pooling)
 SLOW = "slow"  # a simulator whose first token takes SLOW_TTFT_MS
 SLOW_TTFT_MS = 800
 MAX_REQUEST_BYTES = 4096
@@ -41,19 +42,26 @@ def sim():
 
 
 @pytest.fixture(scope="module")
+def embed_sim():
+    with start_simulator(EMBED, ttft_ms=5, runner="pooling") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
 def slow_sim():
     with start_simulator(SLOW, ttft_ms=SLOW_TTFT_MS, itl_ms=1) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def gw(sim, slow_sim, tmp_path_factory):
+def gw(sim, slow_sim, embed_sim, tmp_path_factory):
     config = {
         "limits": {"max_concurrent": 8, "max_queue": 16, "max_request_bytes": MAX_REQUEST_BYTES},
         "upstream": {"retries": RETRIES, "backoff_s": 0.05, "backoff_multiplier": 1,
                      "connect_timeout_s": 3, "extra_paths": ["/v1/not-a-gateway-route"]},
         "models": [
             {"name": SIM, "backend": "static", "url": sim.url},
+            {"name": EMBED, "backend": "static", "url": embed_sim.url},
             {"name": "alias", "backend": "static", "url": sim.url, "served_model_name": SIM},
             {"name": "dead", "backend": "static", "url": f"http://127.0.0.1:{free_port()}"},
             {"name": "tiny", "backend": "static", "url": slow_sim.url,
@@ -142,7 +150,7 @@ def test_completion_non_stream(client):
 
 
 def test_embeddings_non_stream(client):
-    resp = client.embeddings.create(model=SIM, input=["a b", "c"])
+    resp = client.embeddings.create(model=EMBED, input=["a b", "c"])
     assert [d.index for d in resp.data] == [0, 1]
     assert all(len(d.embedding) == 8 for d in resp.data)
     assert resp.usage.prompt_tokens == 3
@@ -155,8 +163,9 @@ async def test_stream_passes_events_through_unchanged(gw, sim, http):
     proxied = await http.post(f"{gw.url}/v1/chat/completions", json=body)
     assert direct.status_code == proxied.status_code == 200
     want, got = sse_events(direct.content), sse_events(proxied.content)
-    # role chunk + 12 tokens + usage + [DONE]
-    assert len(want) == 15
+    # role chunk + 10 content events (12 tokens: every 4th event carries two, as vLLM
+    # merges them) + the finish_reason event + usage + [DONE]
+    assert len(want) == 1 + 10 + 1 + 1 + 1
     assert len(got) == len(want)
     assert [normalise(e) for e in got] == [normalise(e) for e in want]
     assert got[-1] == "data: [DONE]"
@@ -169,7 +178,9 @@ async def test_stream_through_openai_client_with_include_usage(aclient):
     chunks = [c async for c in stream]
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(content.split()) == 7
-    assert len(chunks) == 1 + 7 + 1  # role, tokens, usage
+    # role, 6 content events (7 tokens, the 4th event carries two), finish_reason, usage
+    assert len(chunks) == 1 + 6 + 1 + 1
+    assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens == 7
 
@@ -178,8 +189,9 @@ async def test_completion_stream_event_count(aclient):
     stream = await aclient.completions.create(model=SIM, prompt="a b c", max_tokens=9,
                                               stream=True)
     chunks = [c async for c in stream]
-    assert len(chunks) == 9
-    assert chunks[-1].choices[0].finish_reason == "length"
+    assert len(chunks) == 8 + 1  # 9 tokens in 8 events (every 4th carries two), finish_reason
+    assert len("".join(c.choices[0].text for c in chunks).split()) == 9
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].choices[0].text == ""
 
 
 # --- response headers ---------------------------------------------------------------------------
@@ -504,7 +516,7 @@ async def test_cancellation_storm_leaks_no_slot_or_connection(gw, sim):
 
 def test_v1_models_lists_configured_models_with_state(client, gw):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {SIM, "alias", "dead", "tiny", "fifo", "storm", "lazy"}
+    assert set(models) == {SIM, EMBED, "alias", "dead", "tiny", "fifo", "storm", "lazy"}
     raw = httpx.get(f"{gw.url}/v1/models", trust_env=False).json()
     states = {m["id"]: m["state"] for m in raw["data"]}
     assert states[SIM] == "ready"  # static backends are ready from the start
@@ -528,6 +540,6 @@ def test_gateway_status_reports_every_model(gw, client):
     assert (lazy["state"], lazy["backend"], lazy["last_used"]) == ("stopped", "process", None)
     assert (lazy["max_concurrent"], lazy["max_queue"]) == (8, 16)  # the global limits
     totals = status["totals"]
-    assert totals["models"] == 7
-    assert totals["running"] == 6
+    assert totals["models"] == 8
+    assert totals["running"] == 7
     assert {"queue_depth", "in_flight"} <= set(totals)

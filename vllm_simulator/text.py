@@ -57,11 +57,21 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def error_body(message: str, status: int) -> str:
-    """vLLM's ``ErrorResponse`` body."""
-    fallback = "InternalServerError" if status >= 500 else "BadRequestError"
-    err_type = ERROR_TYPES.get(status, fallback)
-    return dumps({"error": {"message": message, "type": err_type, "param": None, "code": status}})
+# vLLM answers a request that fails its pydantic schema (not JSON, a missing or mistyped
+# field, stream_options without stream) with type "Bad Request" (the HTTP phrase), and the
+# errors it raises while serving (max_tokens, context length, wrong model) with the
+# exception's type name. Both carry ``param`` (the field) and the status as integer ``code``.
+SCHEMA_ERROR = "Bad Request"
+
+
+def error_body(message: str, status: int, param: str | None = None,
+               err_type: str | None = None) -> str:
+    """vLLM's ``ErrorResponse`` body: ``{"error": {"message", "type", "param", "code"}}``."""
+    if err_type is None:
+        fallback = "InternalServerError" if status >= 500 else "BadRequestError"
+        err_type = ERROR_TYPES.get(status, fallback)
+    return dumps({"error": {"message": message, "type": err_type, "param": param,
+                            "code": status}})
 
 
 def token_text(i: int) -> str:
@@ -70,8 +80,22 @@ def token_text(i: int) -> str:
     return word if i == 0 else " " + word
 
 
-def completion_text(n: int) -> str:
-    return "".join(token_text(i) for i in range(n))
+def completion_text(n: int, start: int = 0) -> str:
+    """Text of output tokens ``start`` .. ``start + n - 1``."""
+    return "".join(token_text(i) for i in range(start, start + n))
+
+
+def event_sizes(n: int, merge_every: int) -> list[int]:
+    """Tokens per content event of an ``n``-token stream: every ``merge_every``-th event
+    carries two tokens (0: never), the last one whatever is left. 6 tokens, every 4th:
+    ``[1, 1, 1, 2, 1]`` (5 events), as vLLM merges tokens under load."""
+    sizes: list[int] = []
+    left = n
+    while left > 0:
+        size = 2 if merge_every and (len(sizes) + 1) % merge_every == 0 and left > 1 else 1
+        sizes.append(size)
+        left -= size
+    return sizes
 
 
 def count_words(text: str) -> int:
@@ -131,11 +155,21 @@ def embedding_b64(vec: list[float]) -> str:
 
 
 class SimError(Exception):
-    """A request the simulator refuses, answered with vLLM's error body and ``status``."""
+    """A request the simulator refuses, answered with vLLM's error body and ``status``;
+    ``param`` names the offending field, ``err_type`` overrides the type for the status."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 err_type: str | None = None):
         super().__init__(message)
-        self.message, self.status = message, status
+        self.message, self.status, self.param, self.err_type = message, status, param, err_type
+
+    def body(self) -> str:
+        return error_body(self.message, self.status, self.param, self.err_type)
+
+
+def schema_error(message: str, param: str) -> SimError:
+    """A 400 as vLLM's request-validation handler writes it (type "Bad Request")."""
+    return SimError(message, 400, param, SCHEMA_ERROR)
 
 
 def _load(raw: bytes | None, served: str) -> dict:
@@ -143,44 +177,65 @@ def _load(raw: bytes | None, served: str) -> dict:
     try:
         body = json.loads(raw or b"")
     except ValueError as e:
-        raise SimError(f"JSON decode error: {e}") from None
+        pos = getattr(e, "pos", 0)
+        raise schema_error(f"JSON decode error: {e}", f"body.{pos}") from None
     if not isinstance(body, dict):
-        raise SimError("The request body must be a JSON object.")
+        raise schema_error("Input should be a valid dictionary or object to extract fields "
+                           "from.", "body")
     model = body.get("model")
     if model is not None and model != served:
-        raise SimError(f"The model `{model}` does not exist.", 404)
+        raise SimError(f"The model `{model}` does not exist. Valid aliases: {served}.", 404,
+                       "model", "NotFoundError")
     return body
 
 
 def parse_generation(raw: bytes | None, served: str, chat: bool) -> dict:
-    """Validate a chat/completions request like vLLM; returns what generation needs."""
+    """Validate a chat/completions request like vLLM 0.32; returns what generation needs.
+
+    ``max_tokens`` (chat: ``max_completion_tokens`` first) above the context length is a
+    400; a prompt that fills the context is a 400; otherwise the limit is clamped to what
+    the context leaves, as vLLM does. Without a limit a completion is 16 tokens, "stop".
+    """
     body = _load(raw, served)
     if chat:
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-            raise SimError("`messages` must be a non-empty list of message objects.")
+            raise schema_error("`messages` must be a non-empty list of message objects.",
+                               "body.messages")
         prompt_tokens = count_words(messages_text(msgs))
-        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        limit_param = ("max_completion_tokens" if body.get("max_completion_tokens") is not None
+                       else "max_tokens")
     else:
         prompt_tokens = prompt_tokens_of(body.get("prompt"))
         if prompt_tokens is None:
-            raise SimError("`prompt` must be a string, a list of strings or token ids.")
-        limit = body.get("max_tokens")
+            raise schema_error("`prompt` must be a string, a list of strings or token ids.",
+                               "body.prompt")
+        limit_param = "max_tokens"
+    limit = body.get(limit_param)
     prompt_tokens = max(1, prompt_tokens)
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise SimError(f"max_tokens must be at least 1, got {limit}.")
-    n = 16 if limit is None else limit
-    if prompt_tokens + n > MAX_MODEL_LEN:
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+        raise schema_error("Input should be a valid integer.", f"body.{limit_param}")
+    if limit is not None and limit < 1:
+        raise SimError(f"max_tokens must be at least 1, got {limit}.", 400, "max_tokens")
+    if limit is not None and limit > MAX_MODEL_LEN:
+        raise SimError(f"{limit_param}={limit} cannot be greater than max_model_len="
+                       f"{MAX_MODEL_LEN}. Please request fewer output tokens.", 400,
+                       limit_param)
+    if prompt_tokens >= MAX_MODEL_LEN:
         raise SimError(
-            f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you "
-            f"requested {prompt_tokens + n} tokens ({prompt_tokens} in the messages, {n} in the "
-            "completion). Please reduce the length of the messages or completion.")
+            f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, your "
+            f"prompt contains {prompt_tokens} input tokens, which exceeds this limit even "
+            "without any output tokens. Please reduce the length of the input prompt.", 400,
+            "input_tokens")
+    room = MAX_MODEL_LEN - prompt_tokens
+    n = min(16 if limit is None else limit, room)
     stream = bool(body.get("stream"))
     opts = body.get("stream_options")
-    if opts is not None and not stream:
-        raise SimError("Stream options can only be defined when `stream=True`.")
+    if opts and not stream:
+        raise schema_error("Stream options can only be defined when `stream=True`.",
+                           "stream_options")
     return {"model": body.get("model"), "prompt_tokens": prompt_tokens, "n": n,
-            "stream": stream, "reason": "stop" if limit is None else "length",
+            "stream": stream, "reason": "stop" if limit is None and n == 16 else "length",
             "include_usage": stream and isinstance(opts, dict) and bool(opts.get("include_usage"))}
 
 
@@ -192,7 +247,8 @@ def parse_embeddings(raw: bytes | None, served: str) -> tuple[Any, list, int, bo
     items = [inp] if isinstance(inp, str) or token_list else inp
     if not isinstance(items, list) or not items or not all(
             isinstance(i, (str, list)) for i in items):
-        raise SimError("`input` must be a string, a list of strings or token ids.")
+        raise schema_error("`input` must be a string, a list of strings or token ids.",
+                           "body.input")
     tokens = sum(max(1, count_words(i) if isinstance(i, str) else len(i)) for i in items)
     return body.get("model"), items, tokens, body.get("encoding_format") == "base64"
 
@@ -204,7 +260,7 @@ def parse_tokenize(raw: bytes | None, served: str) -> str:
         return body["prompt"]
     if isinstance(body.get("messages"), list):
         return messages_text(body["messages"])
-    raise SimError("Either `prompt` (string) or `messages` (list) is required.")
+    raise schema_error("Either `prompt` (string) or `messages` (list) is required.", "body")
 
 
 # Server-sent events, written by hand (one f-string per token is the hot path).
@@ -219,11 +275,19 @@ def role_event(head: str) -> str:
                   '"finish_reason":null}]}\n\n'
 
 
-def token_event(head: str, chat: bool, i: int, finish_reason: str | None) -> str:
-    text = dumps(token_text(i))
+def token_event(head: str, chat: bool, i: int, size: int = 1) -> str:
+    """A content event carrying output tokens ``i`` .. ``i + size - 1``; no finish_reason
+    (vLLM sends that in a final event of its own, see ``finish_event``)."""
+    text = dumps(token_text(i) if size == 1 else completion_text(size, i))
     choice = f'{{"index":0,"delta":{{"content":{text}}},' if chat else f'{{"index":0,"text":{text},'
-    fin = "null" if finish_reason is None else dumps(finish_reason)
-    return f'{head}[{choice}"logprobs":null,"finish_reason":{fin},"stop_reason":null}}]}}\n\n'
+    return f'{head}[{choice}"logprobs":null,"finish_reason":null,"stop_reason":null}}]}}\n\n'
+
+
+def finish_event(head: str, chat: bool, finish_reason: str) -> str:
+    """vLLM's last choice event: empty content, the finish_reason and stop_reason."""
+    choice = '{"index":0,"delta":{"content":""},' if chat else '{"index":0,"text":"",'
+    return f'{head}[{choice}"logprobs":null,"finish_reason":{dumps(finish_reason)},' \
+           '"stop_reason":null}]}\n\n'
 
 
 def usage_event(head: str, usage: dict) -> str:
