@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench lint clean dashboards
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+TINY_MODEL := .cache/tiny-models/tiny-llama/config.json
+
+.PHONY: install run test test-vllm vllm bench lint clean dashboards
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -18,8 +22,22 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/vllm-gateway serve $(if $(CONFIG),--config $(CONFIG))
 
-test: $(STAMP)
+# vLLM's CPU build (about 3.4 GB, a separate venv) and the tiny model its tests serve.
+$(VLLM_STAMP): scripts/vllm-venv.sh scripts/vllm-dist-shim/pyproject.toml
+	bash scripts/vllm-venv.sh $(VLLM_VENV)
+	touch $@
+
+$(TINY_MODEL): $(VLLM_STAMP) scripts/build_tiny_models.py
+	$(VLLM_VENV)/bin/python scripts/build_tiny_models.py .cache/tiny-models
+	touch $@
+
+vllm: $(VLLM_STAMP) $(TINY_MODEL)
+
+test: $(STAMP) vllm
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-vllm: $(STAMP) vllm
+	$(BIN)/pytest -q -m real_vllm $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_bench.py
@@ -31,4 +49,8 @@ dashboards: $(STAMP)
 	$(BIN)/python dashboards/generate.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .cache build *.egg-info .pytest_cache
+
+.PHONY: gpu-check
+gpu-check:  # GPU memory check on a GPU host: scripts/gpu-check/README.md
+	bash scripts/gpu-check.sh $(GPU_CHECK_ARGS)

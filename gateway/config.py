@@ -146,6 +146,15 @@ class ModelConfig(_Strict):
     pinned: bool = False
     sleep_mode: bool = False  # vLLM --enable-sleep-mode: evict by sleeping, wake in seconds
     sleep_level: int = Field(1, ge=1, le=2)
+
+    @field_validator("sleep_level")
+    @classmethod
+    def _wakeable_level(cls, v: int) -> int:
+        if v == 2:
+            raise ValueError("level 2 discards the weights and vLLM's /wake_up does not reload "
+                             "them (the model would wake without weights); use 1, which "
+                             "offloads them to CPU memory")
+        return v
     # per-model overrides
     max_concurrent: int | None = Field(None, ge=1, le=MAX_CONCURRENT_CAP)
     max_queue: int | None = Field(None, ge=0, le=MAX_QUEUE_CAP)

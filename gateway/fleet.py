@@ -99,10 +99,15 @@ class Fleet:
             return
         rt.vram_mib = self.gpu.footprint(rt.cfg)
         rt.mark_ready(adopted, 0.0)
+        # A sleeping vLLM answers /health 200 and holds generation until woken: ask it.
+        if rt.cfg.sleep_mode and await self._is_sleeping(rt, adopted) is True:
+            pool = rt.mark_sleeping()
+            if pool is not None:
+                await pool.aclose()
         # The idle clock starts at adoption; last_used 0 would make it idle at once.
         rt.admission.last_used = time.monotonic()
         self.metrics.backend_starts.labels(rt.name, "adopted").inc()
-        log.info("adopted running server for %s at %s", rt.name, adopted.url)
+        log.info("adopted running server for %s at %s (%s)", rt.name, adopted.url, rt.state)
 
     async def _answers_health(self, server) -> bool:
         assert self._health_client is not None
@@ -194,6 +199,8 @@ class Fleet:
             await self._reserve(rt)
             if asleep is not None:
                 await self._post(rt, asleep, "/wake_up")
+                if await self._is_sleeping(rt, asleep) is True:
+                    raise StartFailed(f"model {rt.name!r}: still asleep after POST /wake_up")
             else:
                 server = await self._launch(rt)
             took = time.monotonic() - started
@@ -271,11 +278,23 @@ class Fleet:
             self._launching -= 1
             self.gpu_changes += 1
 
+    async def _is_sleeping(self, rt: ModelRuntime, server) -> bool | None:
+        """vLLM's own answer (GET /is_sleeping); None when it cannot be had."""
+        assert self._health_client is not None
+        try:
+            resp = await self._health_client.get(server.url.rstrip("/") + "/is_sleeping",
+                                                 timeout=10, headers=_auth(server))
+            value = resp.json().get("is_sleeping") if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, bool) else None
+
     async def _post(self, rt: ModelRuntime, server, path: str) -> None:
         """vLLM's sleep-mode endpoints (served with VLLM_SERVER_DEV_MODE=1)."""
         assert self._health_client is not None
         try:
-            resp = await self._health_client.post(server.url.rstrip("/") + path, timeout=120)
+            resp = await self._health_client.post(server.url.rstrip("/") + path, timeout=120,
+                                                  headers=_auth(server))
         except httpx.HTTPError as exc:
             raise StartFailed(f"model {rt.name!r}: POST {path} failed: {exc}") from None
         if resp.status_code >= 400:
@@ -383,6 +402,8 @@ class Fleet:
         async def transition() -> None:
             try:
                 await self._post(rt, server, f"/sleep?level={rt.cfg.sleep_level}")
+                if await self._is_sleeping(rt, server) is False:
+                    raise StartFailed(f"model {rt.name!r}: not asleep after POST /sleep")
                 pool = rt.mark_sleeping()
                 self.gpu_changes += 1
                 if pool is not None:
@@ -430,3 +451,8 @@ class Fleet:
                 await self.stop_model(rt, "idle")
             elif check_crashes and rt.server and not await rt.driver.is_running(rt.cfg, rt.server):
                 await self.mark_crashed(rt)
+
+
+def _auth(server) -> dict[str, str]:
+    key = server.extra.get("api_key") if server is not None else None
+    return {"authorization": f"Bearer {key}"} if key else {}

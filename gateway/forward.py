@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,7 @@ class Exchange:
     task: asyncio.Task[Any] | None = None
     upstream: UpstreamResponse | None = None
     streaming: bool = False  # the response head has gone to the client
+    completed: bool = False  # a stream delivered its [DONE]
     abort_reason: str = ""  # set when the gateway ends this exchange (shutdown deadline)
     _info: RequestInfo | None = None
 
@@ -124,6 +126,7 @@ class Forwarder:
         rt = ex.runtime
         headers = forward_request_headers(ex.request.headers)
         attempt = 0
+        restarted = False
         while True:
             attempt += 1
             await self.fleet.ensure_ready(rt)
@@ -131,6 +134,12 @@ class Forwarder:
             try:
                 return await self._attempt(ex, url, headers, attempt)
             except _Retry as retry:
+                if not retry.outcome.sent and not restarted and await self._server_gone(rt):
+                    # The server died (a crash, an OOM kill): restart it within this
+                    # request, whatever the retry budget; the request was never sent.
+                    restarted = True
+                    await self.fleet.mark_crashed(rt)
+                    continue
                 delay = await self._decide(ex, retry.outcome)
                 if delay is None:
                     assert retry.failure is not None  # HTTP answers pass through instead
@@ -148,10 +157,14 @@ class Forwarder:
         decision = self.hooks.first("decide_retry", outcome=outcome, settings=self.retry_settings)
         if decision is None or not decision.retry:
             return None
-        if outcome.kind == "connect" and ex.runtime.server is not None:
-            if not await ex.runtime.driver.is_running(ex.runtime.cfg, ex.runtime.server):
-                await self.fleet.mark_crashed(ex.runtime)  # next attempt restarts it
         return max(0.0, float(decision.delay_s))
+
+    async def _server_gone(self, rt: ModelRuntime) -> bool:
+        """Whether the model's (managed) server has exited."""
+        server = rt.server
+        if server is None or not rt.manages_lifecycle:
+            return False
+        return not await rt.driver.is_running(rt.cfg, server)
 
     async def _attempt(self, ex: Exchange, url: str, headers: dict[str, str],
                        attempt: int) -> HTTPResponse | None:
@@ -171,6 +184,8 @@ class Forwarder:
                                       {"gen_ai.request.model": rt.name, "attempt": attempt,
                                        "server.address": url}, client=True):
                 self.tracing.inject(headers)  # the model server's parent is this attempt
+                if rt.auth:  # the server's key replaces whatever the client sent
+                    headers = {**headers, **rt.auth}
                 try:
                     upstream = await pool.request(ex.request.method, url, ex.path,
                                                   content=ex.body, headers=headers,
@@ -288,15 +303,20 @@ class Forwarder:
         out = await ex.request.respond(response)
         ex.streaming = True
         first = True
+        recent: deque[bytes] = deque(maxlen=3)  # where the usage event is, split or not
         try:
             async for chunk in upstream.chunks():
                 if first:
                     self.metrics.child(self.metrics.ttft, ex.runtime.name).observe(
                         time.perf_counter() - ex.started)
                     first = False
-                if b'"prompt_tokens"' in chunk:
-                    ex.usage = _usage_from_sse(chunk) or ex.usage
-                await out.send(chunk)
+                recent.append(chunk)
+                await out.send(chunk)  # no await inside while the client keeps up
+                if b"data: [DONE]" in chunk:
+                    # Counted now: the client may close (and the handler be cancelled)
+                    # the moment it has [DONE].
+                    ex.usage = _usage_from_sse(b"".join(recent)) or ex.usage
+                    ex.completed = True
         except UpstreamFailure as failure:
             if ex.abort_reason:
                 await self._end_stream(ex, out, "the gateway is shutting down", ex.abort_reason)
@@ -306,6 +326,8 @@ class Forwarder:
             await self._end_stream(ex, out, f"upstream stream broke off: {failure.kind}",
                                    "upstream_error")
             return
+        if not ex.completed:
+            ex.usage = _usage_from_sse(b"".join(recent)) or ex.usage
         await out.eof()
 
     async def _end_stream(self, ex: Exchange, out: Any, message: str, code: str) -> None:
@@ -332,8 +354,11 @@ def _usage(body: bytes) -> dict[str, Any]:
     return usage if isinstance(usage, dict) else {}
 
 
-def _usage_from_sse(chunk: bytes) -> dict[str, Any]:
-    for line in chunk.split(b"\n"):
+def _usage_from_sse(data: bytes) -> dict[str, Any]:
+    """The last usage object in a piece of an event stream (the final one has the totals)."""
+    if b'"prompt_tokens"' not in data:
+        return {}
+    for line in reversed(data.split(b"\n")):
         if line.startswith(b"data: {") and b'"prompt_tokens"' in line:
             found = _usage(line[6:])
             if found:

@@ -43,6 +43,7 @@ class ModelRuntime:
         self.pool: UpstreamPool | None = None
         self.urls: tuple[str, ...] = ()
         self.url_in_flight: dict[str, int] = {}
+        self.auth: dict[str, str] = {}  # the server's own API key (docker: VLLM_API_KEY)
         self.loaded_since = 0.0
         self.reload_cost_s = 0.0
         self.vram_mib = 0
@@ -61,6 +62,8 @@ class ModelRuntime:
     def mark_ready(self, server: RunningServer, start_seconds: float) -> None:
         self.server = server
         self.urls = tuple(server.extra.get("urls") or [server.url])
+        key = server.extra.get("api_key")
+        self.auth = {"authorization": f"Bearer {key}"} if key else {}
         self.url_in_flight = {u: 0 for u in self.urls}
         up = self.settings.upstream
         self.pool = UpstreamPool(self.admission.max_concurrent, up.connect_timeout_s, up.timeout_s)
@@ -104,12 +107,15 @@ class ModelRuntime:
         deadline = time.monotonic() + timeout_s
         base = server.url.rstrip("/")
         path = "/health"
+        key = server.extra.get("api_key")
+        auth = {"authorization": f"Bearer {key}"} if key else {}
         while True:
             if not await self.driver.is_running(self.cfg, server):
                 raise StartFailed(f"model {self.name!r}: server exited during start-up"
                                   f"{await self.last_log_lines(server)}")
             try:
-                resp = await client.get(base + path, timeout=min(5.0, interval_s * 4 + 1))
+                resp = await client.get(base + path, timeout=min(5.0, interval_s * 4 + 1),
+                                        headers=auth)
                 if resp.status_code == 200:
                     if path == "/v1/models":
                         return

@@ -17,7 +17,7 @@ from gateway.config import Settings
 from gateway.errors import error_response
 from gateway.fleet import Fleet
 from gateway.forward import Exchange, Forwarder
-from gateway.intake import Intake, RequestReader
+from gateway.intake import RequestReader
 from gateway.lifecycle import ModelRuntime, StartFailed
 from gateway.metrics import REJECTION_REASONS, GatewayMetrics
 from gateway.paths import PathPolicy
@@ -47,7 +47,7 @@ class Gateway:
     async def handle(self, request: Request) -> HTTPResponse | None:
         started = time.perf_counter()
         endpoint, model_label, status = "other", "", 500
-        intake = None
+        intake = ex = None
         try:
             if self.draining:
                 status = 503
@@ -68,15 +68,18 @@ class Gateway:
                                       f"Available: {', '.join(self.fleet.runtimes)}",
                                       "model_not_found")
             model_label = intake.model
+            ex = Exchange(request, rt, intake.path, intake.payload, intake.body, intake.stream,
+                          started)
             with self.tracing.request_span("gateway.request", request.headers, {
                     "gen_ai.operation.name": _operation(endpoint),
                     "gen_ai.request.model": intake.model, "http.request.method": request.method,
                     "url.path": intake.path, "gen_ai.system": "vllm"}):
-                response, status = await self._serve(request, rt, intake)
+                response, status = await self._serve(ex)
                 self.tracing.set_attributes({"http.response.status_code": status})
                 return response
         except asyncio.CancelledError:  # the client went away (Sanic cancels the handler)
-            status = CLIENT_CLOSED
+            # A stream that delivered [DONE] is complete, whenever the client then closes.
+            status = ex.status if ex is not None and ex.completed else CLIENT_CLOSED
             raise
         finally:
             self.reader.release(intake)
@@ -84,11 +87,8 @@ class Gateway:
             self.metrics.child(self.metrics.request_duration, model_label, endpoint).observe(
                 time.perf_counter() - started)
 
-    async def _serve(self, request: Request, rt: ModelRuntime,
-                     intake: Intake) -> tuple[HTTPResponse | None, int]:
-        payload = intake.payload
-        ex = Exchange(request, rt, intake.path, payload, intake.body, intake.stream,
-                      time.perf_counter())
+    async def _serve(self, ex: Exchange) -> tuple[HTTPResponse | None, int]:
+        rt, payload = ex.runtime, ex.payload
         if self._admission_hooks:
             rejected = await self._admit(ex.info(), rt)
             if rejected is not None:
@@ -103,7 +103,6 @@ class Gateway:
                 self.tracing.event("gateway.queue_wait", {"wait_s": waited})
                 ex.extra_headers = self.queue_headers(rt)
                 response = await self._forward(ex)
-                self._count_tokens(ex)
                 return response, ex.status
         except QueueFull:
             return self._reject(rt, 429, "queue_full", f"model {rt.name!r} queue is full "
@@ -122,6 +121,7 @@ class Gateway:
             return self.shutting_down(), 503
         finally:
             self.active.discard(ex)
+            self._count_tokens(ex)  # also for a stream whose client left after [DONE]
 
     # --- shutdown ---------------------------------------------------------------------
 

@@ -87,6 +87,7 @@ class GpuBudget:
         self.settings = settings
         self.hooks = hooks
         self.footprints = FootprintStore(settings.gpu.footprints_file)
+        self._explained: set[str] = set()  # models whose estimate was logged
 
     def _reading(self) -> VramReading | None:
         try:
@@ -109,9 +110,33 @@ class GpuBudget:
         """Configured, else learned, else estimated; 0 when there is no GPU budget at all."""
         if cfg.vram_mib:
             return cfg.vram_mib
-        if self.total_mib() is None:
+        total = self.total_mib()
+        if total is None:
             return 0
-        return self.footprints.get(cfg.name) or self.settings.gpu.estimate_mib
+        return self.footprints.get(cfg.name) or self.estimate(cfg, total)
+
+    def estimate(self, cfg: ModelConfig, total_mib: int) -> int:
+        """A first-start guess from what is knowable without a measurement.
+
+        vLLM preallocates ``--gpu-memory-utilization`` of the GPU, so a vLLM server given
+        that flag takes that fraction of the budget. Otherwise ``gpu.estimate_mib`` when
+        it is set, else vLLM's default fraction (0.9) for a vLLM server, else the default
+        ``gpu.estimate_mib``. Capped at the budget, so a model with no ``vram_mib`` can
+        always start on an empty GPU (without NVML nothing is learned, and a bigger guess
+        would keep it from ever starting).
+        """
+        util, explicit = gpu_memory_utilization(cfg)
+        if util is not None and not explicit and "estimate_mib" in self.settings.gpu.model_fields_set:
+            util = None
+        guess = int(util * total_mib) if util is not None else self.settings.gpu.estimate_mib
+        guess = max(1, min(guess, total_mib))
+        if cfg.name not in self._explained:
+            self._explained.add(cfg.name)
+            how = (f"--gpu-memory-utilization {util:g} of {total_mib} MiB" if util is not None
+                   else "gpu.estimate_mib")
+            log.info("model %s: footprint estimated as %d MiB (%s) until one is learned; set "
+                     "vram_mib to override", cfg.name, guess, how)
+        return guess
 
     def learn(self, cfg: ModelConfig, used_before: int | None) -> int | None:
         """Record what a start took (used memory after it became healthy minus before)
@@ -123,6 +148,30 @@ class GpuBudget:
             return None
         self.footprints.learn(cfg.name, used_after - used_before)
         return used_after - used_before
+
+
+VLLM_DEFAULT_UTILIZATION = 0.9
+
+
+def gpu_memory_utilization(cfg: ModelConfig) -> tuple[float | None, bool]:
+    """The fraction of GPU memory a vLLM server will take, and whether it was given:
+    its --gpu-memory-utilization, else vLLM's default for a vLLM server, else None."""
+    argv = list(cfg.args) if cfg.backend == "docker" else list(cfg.command or [])
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "--gpu-memory-utilization" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--gpu-memory-utilization="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            try:
+                util = float(value)
+            except ValueError:
+                return None, False
+            return (util, True) if 0 < util <= 1 else (None, False)
+    is_vllm = cfg.backend == "docker" or any(
+        part.rsplit("/", 1)[-1] == "vllm" or part.startswith("vllm.entrypoints") for part in argv)
+    return (VLLM_DEFAULT_UTILIZATION, False) if is_vllm else (None, False)
 
 
 def shortfall(req: EvictionRequest) -> str | None:

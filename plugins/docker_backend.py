@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -253,9 +254,10 @@ class DockerDriver:
         return spec_mod.validate_model(model)
 
     def build_spec(self, model: Any, port: int, network: str | None = None,
-                   model_path: str | None = None) -> spec_mod.ContainerSpec:
+                   model_path: str | None = None,
+                   api_key: str | None = None) -> spec_mod.ContainerSpec:
         return spec_mod.build_spec(model, self.docker, port, network=network,
-                                   model_path=model_path)
+                                   model_path=model_path, api_key=api_key)
 
     async def start(self, model: Any, port: int) -> RunningServer:
         timeout = self.settings.start_timeout(model)
@@ -266,7 +268,9 @@ class DockerDriver:
         if model.gguf_file:
             host_file = await self.gguf_path(model)
             model_path = spec_mod.container_path_for(host_file, self.docker.hf_cache)
-        spec = self.build_spec(model, port, network=network, model_path=model_path)
+        api_key = model.env.get(spec_mod.API_KEY_ENV) or secrets.token_urlsafe(24)
+        spec = self.build_spec(model, port, network=network, model_path=model_path,
+                               api_key=api_key)
         await self._ensure_image(spec.image, timeout)
         await self._remove_stale(model, spec.name)
         client = await self.client()
@@ -279,7 +283,8 @@ class DockerDriver:
             await asyncio.shield(self._cleanup_named(spec.name))
             raise
         return RunningServer(url=spec.url, ident=container.id,
-                             extra={"container": spec.name, "image": spec.image})
+                             extra={"container": spec.name, "image": spec.image,
+                                    "api_key": api_key})
 
     async def _remove_stale(self, model: Any, name: str) -> None:
         """A container with our name left behind (crashed, killed, config changed) goes."""
@@ -335,9 +340,11 @@ class DockerDriver:
             usable = (found is None and container.status == "running" and port.isdigit()
                       and labels.get(f"{prefix}.config") == want_hash)
             if usable:
+                env = ((getattr(container, "attrs", None) or {}).get("Config") or {}).get("Env")
                 found = RunningServer(url=spec_mod.url_for(mode, container.name, int(port)),
                                       ident=container.id,
-                                      extra={"container": container.name, "adopted": True})
+                                      extra={"container": container.name, "adopted": True,
+                                             "api_key": spec_mod.api_key_from_env(env)})
                 continue
             why = container.status if container.status != "running" else "config changed"
             log.info("removing container %s of model %s (%s)", container.name, model.name, why)

@@ -8,7 +8,12 @@ A model's container:
 
 - image: ``image`` of the model, else ``docker.image`` (``VLLM_IMAGE``);
 - command: the model's ``command`` with ``{port}``, ``{name}`` and ``{model}`` filled in,
-  else vLLM's ``--model M --served-model-name N --port P --host 0.0.0.0`` plus ``args``;
+  else vLLM's ``--model M --served-model-name N --port P --host H`` plus ``args``, where
+  H is 127.0.0.1 with host networking (vLLM must not listen beside the gateway on
+  every interface) and 0.0.0.0 otherwise (the port is published on loopback only, or
+  reachable on the named network only);
+- ``VLLM_API_KEY``: a key of the gateway's (``api_key``), so that nothing but the
+  gateway can use the server's API; the gateway sends it as ``Authorization: Bearer``;
 - the Hugging Face cache (``docker.hf_cache``) at /root/.cache/huggingface, ``HF_TOKEN``
   passed through (redacted in every repr), ``env`` and ``volumes`` of the model;
 - GPUs from ``gpus``: ``all``, ``none``, a count, or a list of device indices;
@@ -35,6 +40,8 @@ MEM_LIMIT = re.compile(r"^[0-9]+(\.[0-9]+)?\s*[bkmgBKMG]?[bB]?$")
 RESERVED_ARGS = ("--port", "--host", "--served-model-name", "--model")
 NAME_OK = re.compile(r"[^A-Za-z0-9_.-]")
 DEFAULT_STOP_GRACE_S = 10
+
+API_KEY_ENV = "VLLM_API_KEY"  # vLLM's own variable for --api-key
 
 # Network modes
 HOST = "host"      # network_mode host: the gateway-chosen port on 127.0.0.1
@@ -330,7 +337,7 @@ def url_for(mode: str, name: str, port: int) -> str:
 
 
 def build_spec(model: Any, docker: Any, port: int, *, network: str | None = None,
-               model_path: str | None = None) -> ContainerSpec:
+               model_path: str | None = None, api_key: str | None = None) -> ContainerSpec:
     """The container for ``model``.
 
     ``port`` is the gateway-chosen port (host and bridge networking); on a named
@@ -348,8 +355,9 @@ def build_spec(model: Any, docker: Any, port: int, *, network: str | None = None
         command = tuple(str(part).replace("{port}", str(listen_port)).replace("{name}", served)
                         .replace("{model}", model_ref) for part in model.command)
     else:
+        host = "127.0.0.1" if mode == HOST else "0.0.0.0"
         command = ("--model", model_ref, "--served-model-name", served,
-                   "--port", str(listen_port), "--host", "0.0.0.0", *map(str, model.args))
+                   "--port", str(listen_port), "--host", host, *map(str, model.args))
         if getattr(model, "sleep_mode", False) and "--enable-sleep-mode" not in command:
             command += ("--enable-sleep-mode",)
     env = dict(model.env)
@@ -357,6 +365,8 @@ def build_spec(model: Any, docker: Any, port: int, *, network: str | None = None
         env.setdefault("VLLM_SERVER_DEV_MODE", "1")  # vLLM serves /sleep and /wake_up only then
     if docker.hf_token:
         env.setdefault("HF_TOKEN", docker.hf_token)
+    if api_key:
+        env.setdefault(API_KEY_ENV, api_key)
     volumes = []
     if docker.hf_cache:
         volumes.append(f"{expand_host_path(docker.hf_cache)}:{CONTAINER_HF_CACHE}:rw")
@@ -383,3 +393,12 @@ def build_spec(model: Any, docker: Any, port: int, *, network: str | None = None
         mem_limit=model.mem_limit,
         nano_cpus=int(model.cpus * 1_000_000_000) if model.cpus else None,
         url=url_for(mode, name, port if mode != NAMED else listen_port), **spec)
+
+
+def api_key_from_env(env: Sequence[str] | None) -> str | None:
+    """The API key a container was started with (its ``KEY=value`` environment list)."""
+    for entry in env or ():
+        name, _, value = entry.partition("=")
+        if name == API_KEY_ENV and value:
+            return value
+    return None

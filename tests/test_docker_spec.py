@@ -41,7 +41,8 @@ def test_default_vllm_command_image_volumes_labels_and_name():
                       dock(image="vllm/vllm-openai:v0.11.0"), 41234)
     assert s.image == "vllm/vllm-openai:v0.11.0"
     assert s.command == ("--model", "meta-llama/Llama-3.2-1B-Instruct", "--served-model-name",
-                         "llama", "--port", "41234", "--host", "0.0.0.0", "--max-model-len", "4096")
+                         "llama", "--port", "41234", "--host", "127.0.0.1", "--max-model-len",
+                         "4096")  # host networking: loopback only, never beside the gateway
     assert s.volumes == ("/srv/hf:/root/.cache/huggingface:rw",)
     assert s.name == "gw-llama"
     assert s.labels["gw.managed"] == "true"
@@ -55,6 +56,21 @@ def test_default_vllm_command_image_volumes_labels_and_name():
     assert s.ipc_mode == "host" and s.shm_size is None
     assert s.device_requests == ({"Driver": "", "Count": -1, "DeviceIDs": [],
                                   "Capabilities": [["gpu"]], "Options": {}},)
+
+
+def test_api_key_goes_to_the_container_and_comes_back_on_adoption():
+    s = ds.build_spec(model(), dock(), 41234, api_key="k-123")
+    assert s.environment["VLLM_API_KEY"] == "k-123"
+    assert "k-123" not in repr(s)  # secrets never show in a repr
+    assert ds.api_key_from_env(["A=1", "VLLM_API_KEY=k-123"]) == "k-123"
+    assert ds.api_key_from_env(None) is None
+
+
+def test_bridge_and_named_networks_listen_on_all_interfaces_inside_the_container():
+    for network in ("bridge", "mynet"):
+        s = ds.build_spec(model(network=network), dock(), 41234, network="mynet")
+        host = s.command[s.command.index("--host") + 1]
+        assert host == "0.0.0.0"  # published on 127.0.0.1 only / reachable on that network only
 
 
 def test_model_image_overrides_settings_and_served_name_is_used():
