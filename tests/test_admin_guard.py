@@ -1,0 +1,49 @@
+"""Who may call admin routes: loopback only (unless admin.allow_remote), and never a
+state-changing request a browser sends from another site."""
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from gateway.config import load_settings
+from gateway.routes.guard import admin_refusal
+
+
+def request(ip: str = "127.0.0.1", method: str = "POST", allow_remote: bool = False,
+            **headers: str):
+    settings = load_settings(raw={"admin": {"allow_remote": allow_remote}}, environ={})
+    app = types.SimpleNamespace(ctx=types.SimpleNamespace(
+        gateway=types.SimpleNamespace(settings=settings)))
+    return types.SimpleNamespace(ip=ip, method=method, scheme="http", host="127.0.0.1:8080",
+                                 app=app,
+                                 headers={k.replace("_", "-"): v for k, v in headers.items()})
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "127.0.0.9", "::1"])
+def test_loopback_clients_may_use_admin_routes(ip):
+    assert admin_refusal(request(ip)) is None
+
+
+@pytest.mark.parametrize("ip", ["10.0.0.5", "192.168.1.2", "8.8.8.8", "", "not-an-ip"])
+def test_other_clients_are_refused_unless_allowed(ip):
+    refused = admin_refusal(request(ip))
+    assert refused is not None and refused.status == 403
+    assert b'"admin_forbidden"' in refused.body
+    assert admin_refusal(request(ip, allow_remote=True)) is None
+
+
+@pytest.mark.parametrize("headers", [{"origin": "https://evil.example"},
+                                     {"origin": "null"},
+                                     {"sec_fetch_site": "cross-site"},
+                                     {"sec_fetch_site": "same-site"}])
+def test_cross_site_browser_posts_are_refused_even_on_loopback(headers):
+    refused = admin_refusal(request(**headers))
+    assert refused is not None and refused.status == 403
+    assert admin_refusal(request(method="GET", **headers)) is None  # reads are harmless
+
+
+def test_same_origin_and_non_browser_posts_pass():
+    assert admin_refusal(request(origin="http://127.0.0.1:8080",
+                                 sec_fetch_site="same-origin")) is None
+    assert admin_refusal(request()) is None  # the CLI, curl: no Origin at all
