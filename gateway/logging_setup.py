@@ -1,0 +1,92 @@
+"""Request ids in every log line about a request, and the JSON log format.
+
+``Gateway.handle`` sets ``REQUEST_ID`` for the request's task (it is reset when the
+request ends: Sanic serves a keep-alive connection's requests in one task), and
+``RequestIdFilter`` on every handler copies it onto each record, so any module's log
+line written while serving a request carries the id without being passed it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from contextvars import ContextVar
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("vllm_gateway_request_id", default=None)
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Sanic's loggers carry their own handlers; in JSON mode their lines go through ours.
+SANIC_LOGGERS = ("sanic.root", "sanic.error", "sanic.access", "sanic.server",
+                 "sanic.websockets")
+
+
+def request_id(sent: str | None) -> str:
+    """The client's X-Request-ID if it is 1-128 letters, digits, '.', '_' or '-';
+    otherwise (absent or anything else) a fresh uuid4 hex."""
+    if sent and _CLIENT_ID.fullmatch(sent):
+        return sent
+    return uuid.uuid4().hex
+
+
+class RequestIdFilter(logging.Filter):
+    """Copies the current request's id onto the record (None outside a request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = REQUEST_ID.get()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """The classic one-line format, with `` request_id=...`` appended when known (an
+    access line has it in its message already)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        rid = getattr(record, "request_id", None)
+        return f"{line} request_id={rid}" if rid and not hasattr(record, "access") else line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id when known,
+    the fields of an access line (``extra={"access": {...}}``) and any traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": _iso(record.created), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        rid = getattr(record, "request_id", None)
+        if rid:
+            out["request_id"] = rid
+        access = getattr(record, "access", None)
+        if access:
+            out.update(access)
+        if record.exc_info:
+            out["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def _iso(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + \
+        f".{int(created % 1 * 1000):03d}Z"
+
+
+def configure_logging(fmt: str) -> None:
+    """Give every root handler the chosen formatter and the request-id filter (call
+    after ``logging.basicConfig``, and again once the Sanic app exists); in JSON mode
+    Sanic's own handlers are removed, so its lines come through ours. Idempotent."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO)
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT)
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+            handler.addFilter(RequestIdFilter())
+    if fmt == "json":
+        for name in SANIC_LOGGERS:
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
