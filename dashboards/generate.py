@@ -231,6 +231,13 @@ def overview() -> dict:
                    targets((f"sum by (model, reason) (rate(gateway_rejections_total{{{M}}}[{RI}]))",
                             "{{model}} {{reason}}")),
                    "reqps"),
+        timeseries("Fallbacks",
+                   "Requests for a model answered by one of its fallbacks instead "
+                   "(gateway_fallbacks_total): the model was unavailable, or its queue full "
+                   "with fallback_on: [queue_full].",
+                   targets((f"sum by (model, fallback) (rate(gateway_fallbacks_total{{{M}}}[{RI}]))",
+                            "{{model}} -> {{fallback}}")),
+                   "reqps"),
         timeseries("Broken streams",
                    "Streams that failed after the first byte was sent "
                    "(gateway_stream_errors_total); the client got a truncated answer.",
@@ -375,7 +382,8 @@ STATE_MAPPINGS = [{"type": "value", "options": {
     "1": {"text": "starting", "color": "yellow", "index": 1},
     "2": {"text": "ready", "color": "green", "index": 2},
     "3": {"text": "stopping", "color": "orange", "index": 3},
-    "4": {"text": "sleeping", "color": "blue", "index": 4}}}]
+    "4": {"text": "sleeping", "color": "blue", "index": 4},
+    "5": {"text": "failed", "color": "red", "index": 5}}}]
 
 
 def lifecycle() -> dict:
@@ -383,12 +391,13 @@ def lifecycle() -> dict:
     state_expr = (f'sum by (model) ({st}{{{M},state="starting"}})'
                   f' + 2 * sum by (model) ({st}{{{M},state="ready"}})'
                   f' + 3 * sum by (model) ({st}{{{M},state="stopping"}})'
-                  f' + 4 * sum by (model) ({st}{{{M},state="sleeping"}})')
+                  f' + 4 * sum by (model) ({st}{{{M},state="sleeping"}})'
+                  f' + 5 * sum by (model) ({st}{{{M},state="failed"}})')
     return dashboard("vllm-gateway-lifecycle", "vLLM gateway / Model lifecycle",
                      "Model server starts, stops, evictions, state and VRAM reservations.", [
         sized(state_timeline("Model state",
                              "Each model's lifecycle state from gateway_model_state "
-                             "(stopped / starting / ready / stopping / sleeping).",
+                             "(stopped / starting / ready / stopping / sleeping / failed).",
                              targets((state_expr, "{{model}}")), STATE_MAPPINGS), 24, 8),
         timeseries("Starts by result",
                    "Model server starts per interval (gateway_backend_starts_total) by "
@@ -404,7 +413,8 @@ def lifecycle() -> dict:
                              window="1h"), "s"),
         timeseries("Stops by reason",
                    "Model server stops per interval (gateway_backend_stops_total) by reason: "
-                   "idle, eviction, crash, shutdown, failed_start.",
+                   "idle, eviction, crash, shutdown, failed_start, unload, removed (left the "
+                   "config in a reload).",
                    targets((f"sum by (model, reason) (increase(gateway_backend_stops_total{{{M}}}[{RI}]))",
                             "{{model}} {{reason}}")),
                    bars=True),
@@ -414,6 +424,14 @@ def lifecycle() -> dict:
                    "Frequent evictions mean the models in use do not fit together.",
                    targets((f"sum by (model, reason) (increase(gateway_evictions_total{{{M}}}[{RI}]))",
                             "{{model}} {{reason}}")),
+                   bars=True),
+        timeseries("Config reloads by result",
+                   "Config reloads per interval (gateway_config_reloads_total; SIGHUP or "
+                   "POST /gateway/reload) by result: success, invalid (the running config "
+                   "was kept; the gateway log lists the problems), error. Not filtered by "
+                   "model.",
+                   targets((f"sum by (result) (increase(gateway_config_reloads_total[{RI}]))",
+                            "{{result}}")),
                    bars=True),
         sized(timeseries("VRAM reserved per model vs total",
                          "GPU memory the gateway reserves for each loaded model "

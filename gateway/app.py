@@ -20,10 +20,13 @@ from gateway.drivers import check_models, collect_drivers, configure_drivers
 from gateway.errors import error_response
 from gateway.fleet import Fleet
 from gateway.metrics import GatewayMetrics
-from gateway.plugins import HookRunner, build_plugin_manager
+from gateway.plugins import HookRunner, build_plugin_manager, import_plugin_modules
 from gateway.proxy import Gateway
 from gateway.routes.admin import admin
+from gateway.routes.models import models_api
 from gateway.routes.openai import add_extra_routes, openai_api
+from gateway.routes.reload import reload_api
+from gateway.routes.ui import ui
 from gateway.shutdown import Shutdown
 from gateway.tracing import Tracing
 
@@ -55,9 +58,7 @@ class GatewayProtocol(HttpProtocol):
 def build_gateway(settings: Settings, extra_plugins: Iterable[tuple[str, object]] = (),
                   span_exporter: Any = None, source: str = "config") -> Gateway:
     """Plugins, drivers, fleet and metrics, validated; raises ConfigError or PluginError."""
-    import importlib
-
-    modules = [(name, importlib.import_module(name)) for name in settings.plugins.modules]
+    modules = import_plugin_modules(settings.plugins.modules, source)
     pm = build_plugin_manager(settings.plugins.disabled, settings.plugins.load_entrypoints,
                               list(modules) + list(extra_plugins))
     drivers = collect_drivers(pm)
@@ -100,6 +101,9 @@ def create_app(settings: Settings, extra_plugins: Iterable[tuple[str, object]] =
     app.ctx.handle_signals = False  # `serve` sets it; in-process tests drive shutdown directly
     app.blueprint(openai_api)
     app.blueprint(admin)
+    app.blueprint(reload_api)
+    app.blueprint(models_api)
+    app.blueprint(ui)
     add_extra_routes(app, settings.upstream.extra_paths)
     _add_error_handlers(app, gw)
 

@@ -1,4 +1,5 @@
-"""``vllm-gateway``: serve, check-config, plugins, simulate."""
+"""``vllm-gateway``: serve, check-config, plugins, simulate; ps, load, unload, logs,
+reload (gateway/ctl.py)."""
 from __future__ import annotations
 
 import argparse
@@ -17,26 +18,90 @@ def _load(path: str | None) -> tuple[Settings, str]:
     return load_settings(path), path
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.app import GatewayProtocol, create_app
+def _serve_settings(path: str | None, host: str | None, port: int | None) -> Settings:
+    """The config as ``serve`` reads it: the file (or the demo), its environment overrides,
+    then ``--host``/``--port``. A config reload reads it the same way."""
+    settings, _ = _load(path)
+    if host or port:
+        listen = settings.listen.model_copy(update={k: v for k, v in
+                                                    (("host", host), ("port", port)) if v})
+        settings = settings.model_copy(update={"listen": listen})
+    return settings
 
+
+def config_problems(path: str) -> tuple[Settings | None, list[str]]:
+    """Every problem with a config file in one pass, one line each: the file's own (YAML,
+    keys, values, environment overrides), then the plugins' and every backend driver's
+    (``validate``) with whatever still validates. ``(settings, [])`` when there is none."""
+    from gateway.app import build_gateway
+    from gateway.config import Plugins, salvage
+    from gateway.reload import about_dropped
+
+    lines: list[str] = []
+    settings: Settings | None = None
+    dropped: dict[str, set[str]] = {}
     try:
-        settings, source = _load(args.config)
-        if args.host or args.port:
-            listen = settings.listen.model_copy(update={k: v for k, v in
-                                                        (("host", args.host), ("port", args.port)) if v})
-            settings = settings.model_copy(update={"listen": listen})
+        settings = target = load_settings(path)
+    except ConfigError as exc:
+        lines += exc.lines
+        target, dropped = salvage(exc.raw) if exc.raw is not None else (None, {})
+    fallback = False  # after a plugin problem: the built-in plugins only
+    while target is not None:
+        try:
+            build_gateway(target, source=path)
+        except ConfigError as exc:
+            lines += [line for line in exc.lines if not about_dropped(line, dropped, path)
+                      and not (fallback and "unknown backend" in line)]
+        except PluginError as exc:
+            lines += str(exc).splitlines()
+            if not fallback:  # the drivers' checks still run, without the broken plugins
+                fallback = True
+                target = target.model_copy(update={"plugins": Plugins(load_entrypoints=False)})
+                continue
+        break
+    return (settings if not lines else None), lines
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import functools
+
+    from sanic.server.socket import bind_socket
+
+    from gateway.app import GatewayProtocol, create_app
+    from gateway.logging_setup import configure_logging
+
+    source = args.config or "demo config"
+    try:
+        settings = _serve_settings(args.config, args.host, args.port)
+        configure_logging(settings.logging.format)  # before build: its lines are formatted too
         app = create_app(settings, source=source)
+        configure_logging(settings.logging.format)  # again: Sanic() adds handlers of its own
     except (ConfigError, PluginError) as exc:
-        print(str(exc), file=sys.stderr)
+        lines = config_problems(args.config)[1] if args.config else []
+        print("\n".join(lines or str(exc).splitlines()), file=sys.stderr)
         return 2
-    logging.getLogger("vllm_gateway").info("serving %d model(s) from %s on http://%s:%d",
-                                           len(settings.models), source, settings.listen.host,
-                                           settings.listen.port)
+    host, port = settings.listen.host, settings.listen.port
+    try:
+        sock = bind_socket(host, port)  # here, so a taken port is one line, not a traceback
+    except OSError as exc:
+        print(f"{source}: listen: cannot listen on {host}:{port}: {exc.strerror or exc} "
+              "(set listen.port or --port)", file=sys.stderr)
+        return 2
+    if args.config:  # what a reload (SIGHUP, POST /gateway/reload) re-reads
+        app.ctx.config_loader = functools.partial(_serve_settings, args.config, args.host,
+                                                  args.port)
+        app.ctx.config_source = args.config
+
+    @app.after_server_start
+    async def _serving(app) -> None:  # only once the socket is bound and the fleet is up
+        logging.getLogger("vllm_gateway").info("serving %d model(s) from %s on http://%s:%d",
+                                               len(app.ctx.gateway.fleet.runtimes), source,
+                                               host, port)
+
     _tune_gc(app)
     app.ctx.handle_signals = True
-    app.run(host=settings.listen.host, port=settings.listen.port, single_process=True,
-            access_log=False, motd=False, register_sys_signals=False, protocol=GatewayProtocol)
+    app.run(sock=sock, single_process=True, access_log=False, motd=False,
+            register_sys_signals=False, protocol=GatewayProtocol)
     return 0
 
 
@@ -57,13 +122,9 @@ def _tune_gc(app) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from gateway.app import build_gateway
-
-    try:
-        settings = load_settings(args.file)
-        build_gateway(settings, source=args.file)
-    except (ConfigError, PluginError) as exc:
-        print(str(exc), file=sys.stderr)
+    settings, lines = config_problems(args.file)
+    if settings is None:
+        print("\n".join(lines), file=sys.stderr)
         return 1
     effective = settings.model_dump(mode="json")
     if effective["docker"].get("hf_token"):
@@ -118,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     import vllm_simulator.server as simulator
     simulator.add_arguments(sim)
     sim.set_defaults(func=cmd_simulate)
+    from gateway import ctl
+    ctl.add_commands(sub)  # ps, load, unload, logs, reload: against a running gateway
     return parser
 
 

@@ -5,11 +5,13 @@ one line naming the file (or environment variable), the key and the reason.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,14 +20,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_CONCURRENT_CAP = 10_000
 MAX_QUEUE_CAP = 1_000_000
 DAY_S = 86_400.0
+# What a client may send as ``model``: a model's name or one of its aliases.
+ModelName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@+-]+$")]
+_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,200}")
 
 
 class ConfigError(Exception):
     """Raised with every problem found; ``lines`` has one human-readable line each."""
 
-    def __init__(self, lines: list[str]):
+    def __init__(self, lines: list[str], raw: dict[str, Any] | None = None):
         super().__init__("\n".join(lines))
         self.lines = lines
+        self.raw = raw  # the config as parsed (overrides applied), when it was a mapping
 
 
 class _Strict(BaseModel):
@@ -62,6 +68,10 @@ class Upstream(_Strict):
     backoff_multiplier: float = Field(1.5, ge=1, le=10)
     start_timeout_s: float = Field(900, gt=0, le=DAY_S)  # health wait for a cold start
     health_interval_s: float = Field(0.5, gt=0, le=60)
+    # After a failed start the model is ``failed``: requests get 503 at once, without a
+    # relaunch, for this long, doubling per consecutive failure up to the max.
+    start_backoff_s: float = Field(10, ge=0, le=DAY_S)
+    start_backoff_max_s: float = Field(600, ge=0, le=DAY_S)
     # Model-server API paths clients may reach besides the built-in allow-list
     # (gateway/paths.py); exact paths, no dot segments or percent-escapes.
     extra_paths: list[str] = []
@@ -76,6 +86,13 @@ class Upstream(_Strict):
             if problem:
                 raise ValueError(f"{path!r}: {problem}")
         return v
+
+    @model_validator(mode="after")
+    def _backoff_bounds(self) -> Upstream:
+        if self.start_backoff_max_s < self.start_backoff_s:
+            raise ValueError(f"start_backoff_max_s ({self.start_backoff_max_s:g}) must be at "
+                             f"least start_backoff_s ({self.start_backoff_s:g})")
+        return self
 
 
 class Gpu(_Strict):
@@ -106,6 +123,10 @@ class ServerLogs(_Strict):
     max_bytes: int = Field(10_000_000, ge=4096, le=100_000_000_000)
 
 
+class Admin(_Strict):
+    allow_remote: bool = False  # admin routes answer only loopback clients unless true
+
+
 class Plugins(_Strict):
     disabled: list[str] = []
     load_entrypoints: bool = True
@@ -118,12 +139,23 @@ class Tracing(_Strict):
     service_name: str = "vllm-gateway"
 
 
+class LogSettings(_Strict):
+    """The gateway's own log lines: ``json`` is one object per line (gateway/logging_setup.py)."""
+
+    format: Literal["text", "json"] = "text"
+    access_log: bool = True  # one line per proxied request on logger vllm_gateway.access
+
+
 class ModelConfig(_Strict):
     """One model clients can ask for. Backend-specific keys are checked by the driver."""
 
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@+-]+$")
+    name: ModelName
     backend: str = "process"
     served_model_name: str | None = None
+    aliases: list[ModelName] = []  # other names clients may send; each listed in /v1/models
+    # Models that serve this one's requests, first available first, when it cannot.
+    fallbacks: list[str] = []
+    fallback_on: list[Literal["unavailable", "queue_full"]] = ["unavailable"]
     # process backend
     command: list[str] | None = None
     env: dict[str, str] = {}
@@ -143,7 +175,8 @@ class ModelConfig(_Strict):
     shm_size: str | None = None  # instead of ipc_mode host
     # placement
     vram_mib: int | None = Field(None, ge=1, le=10_000_000)
-    pinned: bool = False
+    pinned: bool = False  # the start-up value; POST /gateway/models/NAME/pin|unpin change it
+    preload: bool = False  # started in the background when the gateway starts
     sleep_mode: bool = False  # vLLM --enable-sleep-mode: evict by sleeping, wake in seconds
     sleep_level: int = Field(1, ge=1, le=2)
 
@@ -192,6 +225,8 @@ class Settings(_Strict):
     plugins: Plugins = Plugins()
     tracing: Tracing = Tracing()
     server_logs: ServerLogs = ServerLogs()
+    admin: Admin = Admin()
+    logging: LogSettings = LogSettings()
     # On SIGTERM/SIGINT: queued requests get 503 at once, in-flight ones may finish
     # within this many seconds, then streams still open end with an SSE error event.
     shutdown_grace_s: float = Field(30, ge=0, le=3600)
@@ -202,8 +237,42 @@ class Settings(_Strict):
         seen: set[str] = set()
         for m in self.models:
             if m.name in seen:
-                raise ValueError(f"models: duplicate model name {m.name!r}")
+                from pydantic_core import InitErrorDetails, PydanticCustomError
+
+                raise ValidationError.from_exception_data("Settings", [InitErrorDetails(
+                    type=PydanticCustomError("model_names", f"duplicate model name {m.name!r}"),
+                    loc=("models",), input=[])])
             seen.add(m.name)
+        return self
+
+    @model_validator(mode="after")
+    def _aliases_and_fallbacks(self) -> Settings:
+        """Every name a client may send resolves to one model; fallbacks name other models.
+        Problems carry their own key (``models.1.aliases``), one line each."""
+        from pydantic_core import InitErrorDetails, PydanticCustomError
+
+        names = {m.name for m in self.models}
+        owner = {name: name for name in names}
+        problems: list[tuple[int, str, str]] = []
+        for i, m in enumerate(self.models):
+            for alias in m.aliases:
+                if alias in owner:
+                    problems.append((i, "aliases", f"{alias!r} is already the name or alias of "
+                                                   f"model {owner[alias]!r}"))
+                owner.setdefault(alias, m.name)
+        for i, m in enumerate(self.models):
+            for j, fb in enumerate(m.fallbacks):
+                if fb == m.name:
+                    problems.append((i, "fallbacks", f"{fb!r}: a model cannot fall back to itself"))
+                elif fb not in names:
+                    hint = f" ({fb!r} is an alias of {owner[fb]!r})" if fb in owner else ""
+                    problems.append((i, "fallbacks", f"{fb!r} is not a configured model name{hint}"))
+                elif fb in m.fallbacks[:j]:
+                    problems.append((i, "fallbacks", f"{fb!r} is listed twice"))
+        if problems:
+            raise ValidationError.from_exception_data("Settings", [
+                InitErrorDetails(type=PydanticCustomError("model_names", msg),
+                                 loc=("models", i, key), input=[]) for i, key, msg in problems])
         return self
 
     # Effective per-model values: the one place defaults and overrides meet.
@@ -267,15 +336,63 @@ def _models_from_allowed_json(text: str) -> list[dict[str, Any]]:
     return out
 
 
-def _format_errors(err: ValidationError, source: str, env_keys: Mapping[str, str]) -> list[str]:
+def _model_class_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config class that holds the keys at ``loc`` (list indices skipped)."""
+    cls: type[BaseModel] | None = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if cls is not None else None
+        if field is None:
+            return None
+        cls = _inner_model(field.annotation)
+    return cls
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _model_label(raw: Mapping[str, Any] | None, index: int) -> str:
+    """``models[NAME]`` for the index-th raw model entry; ``models[INDEX]`` when its name
+    is missing, invalid or shared by another entry."""
+    models = raw.get("models") if isinstance(raw, Mapping) else None
+    if isinstance(models, list) and 0 <= index < len(models) and isinstance(models[index], dict):
+        name = models[index].get("name")
+        names = [m.get("name") for m in models if isinstance(m, dict)]
+        if isinstance(name, str) and _NAME.fullmatch(name) and names.count(name) == 1:
+            return f"models[{name}]"
+    return f"models[{index}]"
+
+
+def config_key(loc: tuple[Any, ...], raw: Mapping[str, Any] | None = None) -> str:
+    """The key a problem is about, as the user wrote it: ``limits.max_queue``,
+    ``models[chat-small].max_queue``, ``upstream.extra_paths.0``."""
+    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+        return ".".join([_model_label(raw, loc[1]), *(str(p) for p in loc[2:])])
+    return ".".join(str(p) for p in loc)
+
+
+def _format_errors(err: ValidationError, source: str, env_keys: Mapping[str, str],
+                   raw: Mapping[str, Any] | None = None) -> list[str]:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        key = config_key(loc, raw)
         where = source
-        env_key = next((k for k in env_keys if key == k or key.startswith(k + ".")), None)
+        env_key = next((k for k in env_keys if dotted == k or dotted.startswith(k + ".")), None)
         if env_key is not None:
             where = f"environment {env_keys[env_key]}"
         msg = e["msg"]
+        if e["type"] == "value_error" and e.get("ctx", {}).get("error") is not None:
+            msg = str(e["ctx"]["error"])  # the validator's own words, without "Value error, "
         if e["type"] not in ("missing", "extra_forbidden") and "input" in e:
             got = e["input"]
             if not isinstance(got, (dict, list)):
@@ -283,9 +400,72 @@ def _format_errors(err: ValidationError, source: str, env_keys: Mapping[str, str
                     got = "***"
                 msg = f"{msg} (got {got!r})"
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _suggestion(loc)
         lines.append(f"{where}: {key or '(top level)'}: {msg}")
     return lines
+
+
+def _suggestion(loc: tuple[Any, ...]) -> str:
+    """`` (did you mean max_queue?)`` for a misspelled key, else ''."""
+    owner = _model_class_at(loc[:-1])
+    if owner is None or not loc:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _yaml_problem(source: str, exc: yaml.YAMLError) -> str:
+    """``FILE:LINE:COLUMN: not valid YAML: what (context)`` on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    what = getattr(exc, "problem", None) or str(exc)
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        at = (f" at line {context_mark.line + 1}, column {context_mark.column + 1}"
+              if context_mark is not None else "")
+        what = f"{what} ({context}{at})"
+    return f"{where}: not valid YAML: {what}".replace("\n", " ")
+
+
+def salvage(raw: Mapping[str, Any]) -> tuple[Settings | None, dict[str, set[str]]]:
+    """What still validates of a config that does not, so later checks (backend drivers,
+    plugins) can report their problems in the same pass: the top-level sections that
+    validate on their own, and every model with its invalid keys left out. Returns those
+    settings (None if even they fail) and, per model kept, the keys left out."""
+    keep: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "models" or key not in Settings.model_fields:
+            continue
+        try:
+            Settings.model_validate({key: value})
+        except ValidationError:
+            continue
+        keep[key] = value
+    models: list[dict[str, Any]] = []
+    dropped: dict[str, set[str]] = {}
+    for entry in raw.get("models") or []:
+        if not isinstance(entry, dict):
+            continue
+        bad: set[str] = set()
+        try:
+            ModelConfig.model_validate(entry)
+        except ValidationError as exc:
+            bad = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+            if not bad or bad & {"name", "backend"}:
+                continue
+            entry = {k: v for k, v in entry.items() if k not in bad}
+            try:
+                ModelConfig.model_validate(entry)
+            except ValidationError:
+                continue
+        if entry["name"] in dropped:
+            continue
+        dropped[entry["name"]] = bad
+        models.append(entry)
+    try:
+        return Settings.model_validate({**keep, "models": models}), dropped
+    except ValidationError:
+        return None, {}
 
 
 def load_settings(path: str | os.PathLike[str] | None = None,
@@ -304,7 +484,7 @@ def load_settings(path: str | os.PathLike[str] | None = None,
             try:
                 loaded = yaml.safe_load(text)
             except yaml.YAMLError as exc:
-                raise ConfigError([f"{source}: not valid YAML: {exc}".replace("\n", " ")]) from None
+                raise ConfigError([_yaml_problem(source, exc)]) from None
             if loaded is None:
                 loaded = {}
             if not isinstance(loaded, dict):
@@ -326,12 +506,17 @@ def load_settings(path: str | os.PathLike[str] | None = None,
             env_keys["models"] = "ALLOWED_MODELS_JSON"
         except ValueError as exc:
             problems.append(f"environment ALLOWED_MODELS_JSON: models: {exc}")
+    # An explicit empty list is a mistake (a gateway without models answers only 404s);
+    # leaving ``models`` out is allowed, for files that only set plugins or defaults.
+    if raw.get("models") == []:
+        where = "environment ALLOWED_MODELS_JSON" if "models" in env_keys else source
+        problems.append(f"{where}: models: must list at least one model")
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(problems + _format_errors(exc, source, env_keys)) from None
+        raise ConfigError(problems + _format_errors(exc, source, env_keys, raw), raw) from None
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, raw)
     return settings
 
 

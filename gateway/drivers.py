@@ -50,8 +50,8 @@ def configure_drivers(settings: Settings, drivers: dict[str, BackendDriver]) -> 
 def check_models(settings: Settings, drivers: dict[str, BackendDriver], source: str) -> None:
     """Raise ConfigError with one line per model problem (drivers already configured)."""
     lines = []
-    for i, model in enumerate(settings.models):
-        where = f"{source}: models.{i} ({model.name})"
+    for model in settings.models:
+        where = f"{source}: models[{model.name}]"  # names are unique once validated
         driver = drivers.get(model.backend)
         if driver is None:
             known = ", ".join(sorted(drivers)) or "none"

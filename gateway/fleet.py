@@ -3,12 +3,15 @@
 It owns placement (what fits in GPU memory, what to evict, how many models run),
 the idle/crash sweeper, and shutdown. Policies are hooks; the fleet applies them
 and enforces the invariants: never stop a busy or pinned model, one transition per
-model at a time, a failed start leaves no server behind.
+model at a time, a failed start leaves no server behind. Operators' requests (load,
+unload, sleep, pin: gateway/routes/models.py) are transitions too, run here. Every
+transition is published on ``events`` (gateway/events.py) as it happens.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
 from collections.abc import Iterable
@@ -16,11 +19,15 @@ from collections.abc import Iterable
 import httpx
 
 from gateway.config import Settings
-from gateway.lifecycle import ModelRuntime, StartFailed
+from gateway.events import EventBus
+from gateway.fleet_operations import OperatorRequests
+from gateway.fleet_placement import Placement
+from gateway.fleet_reload import Reconfiguration
+from gateway.lifecycle import ModelRuntime, StartBackoff, StartFailed
 from gateway.metrics import GatewayMetrics, ModelGauges
 from gateway.plugins import HookRunner
-from gateway.types import BackendDriver, Eviction, EvictionRequest
-from gateway.vram import GpuBudget, shortfall
+from gateway.types import BackendDriver
+from gateway.vram import GpuBudget
 
 log = logging.getLogger("vllm_gateway.fleet")
 SWEEP_INTERVAL_S = 1.0
@@ -33,14 +40,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Fleet:
+class Fleet(Placement, OperatorRequests, Reconfiguration):
+    """All runtimes and every transition; placement, operators' requests and config
+    reload live in the mixins it is made of (gateway/fleet_*.py), by concern."""
+
     def __init__(self, settings: Settings, hooks: HookRunner, drivers: dict[str, BackendDriver],
                  metrics: GatewayMetrics) -> None:
         self.settings = settings
         self.hooks = hooks
         self.metrics = metrics
-        self.runtimes = {m.name: ModelRuntime(m, settings, drivers[m.backend])
+        self.events = EventBus()
+        self.runtimes = {m.name: ModelRuntime(m, settings, drivers[m.backend],
+                                              self._state_changed)
                          for m in settings.models}
+        self._background: set[asyncio.Task[None]] = set()  # preloads, loads not awaited
+        self.aliases = {a: rt for rt in self.runtimes.values() for a in rt.cfg.aliases}
+        self.drivers = drivers  # a config reload builds runtimes for the models it adds
+        # Models a reload removed, finishing their requests before their server stops.
+        self._retiring: dict[str, tuple[ModelRuntime, asyncio.Task[None]]] = {}
         self.gpu = GpuBudget(settings, hooks)
         self._placement = asyncio.Lock()
         self._health_client: httpx.AsyncClient | None = None
@@ -58,10 +75,29 @@ class Fleet:
         for rt in self.runtimes.values():
             if not rt.manages_lifecycle:
                 server = await rt.driver.start(rt.cfg, 0)
-                rt.mark_ready(server, 0.0)
+                rt.mark_ready(server, 0.0, "static")
                 continue
             await self._adopt(rt)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="fleet-sweeper")
+        for rt in self.runtimes.values():
+            if rt.cfg.preload and rt.state == "stopped":
+                self.start_soon(rt, "preload")
+
+    def start_soon(self, rt: ModelRuntime, reason: str) -> None:
+        """Start the model in the background (``preload: true``, a load not waited for);
+        a failure is logged and recorded by ``start`` like any other."""
+        async def run() -> None:
+            try:
+                await self.ensure_ready(rt, reason, ignore_backoff=True)
+            except StartFailed:
+                pass
+
+        task = asyncio.create_task(run(), name=f"{reason}:{rt.name}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _state_changed(self, rt: ModelRuntime, reason: str) -> None:
+        self.events.publish("state", rt.name, reason, rt.state)
 
     async def _reap_orphans(self) -> None:
         """Let each driver stop servers an earlier, dead gateway left without an owner
@@ -98,15 +134,16 @@ class Fleet:
             await self._stop_server(rt, adopted)
             return
         rt.vram_mib = self.gpu.footprint(rt.cfg)
-        rt.mark_ready(adopted, 0.0)
+        rt.mark_ready(adopted, 0.0, "adopted")
         # A sleeping vLLM answers /health 200 and holds generation until woken: ask it.
         if rt.cfg.sleep_mode and await self._is_sleeping(rt, adopted) is True:
-            pool = rt.mark_sleeping()
+            pool = rt.mark_sleeping("adopted")
             if pool is not None:
                 await pool.aclose()
         # The idle clock starts at adoption; last_used 0 would make it idle at once.
         rt.admission.last_used = time.monotonic()
         self.metrics.backend_starts.labels(rt.name, "adopted").inc()
+        self.events.publish("start", rt.name, "adopted", rt.state)
         log.info("adopted running server for %s at %s (%s)", rt.name, adopted.url, rt.state)
 
     async def _answers_health(self, server) -> bool:
@@ -128,21 +165,29 @@ class Fleet:
         """Draining: starts in progress are cancelled (their servers stopped by
         ``start``'s own cleanup) and no new start begins."""
         self.closing = True
-        for rt in self.runtimes.values():
-            if rt.transition is not None and rt.state in ("starting", "stopped"):
+        self.events.close()  # event streams end, so they do not hold up the drain
+        for rt, _ in self._retiring.values():  # the gateway's drain closes only the fleet's
+            rt.admission.close()
+        for rt in [*self.runtimes.values(), *(rt for rt, _ in self._retiring.values())]:
+            if rt.transition is not None and rt.state in ("starting", "stopped", "failed"):
                 rt.transition.cancel()
 
     async def _shutdown_once(self) -> None:
         self.closing = True
+        self.events.close()
         if self._sweeper:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
-        for rt in self.runtimes.values():
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        everyone = [*self.runtimes.values(), *await self._end_retiring()]
+        for rt in everyone:
             if rt.transition is not None:
                 rt.transition.cancel()
                 await asyncio.gather(rt.transition, return_exceptions=True)
-        stops = [self.stop_model(rt, "shutdown") for rt in self.runtimes.values()
-                 if rt.state != "stopped" and self._stops_on_shutdown(rt)]
+        stops = [self.stop_model(rt, "shutdown") for rt in everyone
+                 if rt.state not in ("stopped", "failed") and self._stops_on_shutdown(rt)]
         await asyncio.gather(*stops, return_exceptions=True)
         if self._health_client:
             await self._health_client.aclose()
@@ -154,29 +199,38 @@ class Fleet:
     # --- snapshots --------------------------------------------------------------------
 
     def get(self, name: str) -> ModelRuntime | None:
-        return self.runtimes.get(name)
+        """The runtime a client's ``model`` names: a configured name or one of its aliases."""
+        return self.runtimes.get(name) or self.aliases.get(name)
 
     def gauges(self) -> Iterable[ModelGauges]:
         return [rt.gauges() for rt in self.runtimes.values()]
 
     def loaded(self, exclude: ModelRuntime | None = None) -> list[ModelRuntime]:
-        return [rt for rt in self.runtimes.values()
+        return [rt for rt in [*self.runtimes.values(), *(rt for rt, _ in self._retiring.values())]
                 if rt is not exclude and rt.manages_lifecycle
                 and rt.state in ("starting", "ready", "stopping", "sleeping")]  # all hold memory
 
     # --- starting ---------------------------------------------------------------------
 
-    async def ensure_ready(self, rt: ModelRuntime) -> None:
+    async def ensure_ready(self, rt: ModelRuntime, reason: str = "request",
+                           ignore_backoff: bool = False) -> None:
         """Return once the model serves; start it (once, shared) if needed.
 
         A pending transition is awaited even while the state still reads "ready": a stop
         task created this loop iteration has not run yet, and its pool is about to close.
+        A ``failed`` model in its backoff is refused at once (StartBackoff) unless
+        ``ignore_backoff`` (an operator's explicit load).
         """
         while rt.state != "ready" or rt.transition is not None:
             if self.closing:
                 raise StartFailed(f"model {rt.name!r}: not started, the gateway is shutting down")
             if rt.transition is None:
-                rt.transition = asyncio.create_task(self.start(rt), name=f"start:{rt.name}")
+                wait = 0.0 if ignore_backoff else rt.backoff_left()
+                if wait > 0:
+                    raise StartBackoff(f"{rt.last_error}; next start attempt in "
+                                       f"{math.ceil(wait)}s (upstream.start_backoff_s)")
+                rt.transition = asyncio.create_task(self.start(rt, reason),
+                                                    name=f"start:{rt.name}")
             transition = rt.transition
             try:
                 # shield: a client that gives up must not cancel the start others wait on
@@ -188,15 +242,16 @@ class Fleet:
                 raise StartFailed(f"model {rt.name!r}: start cancelled, the gateway is "
                                   "shutting down") from None
 
-    async def start(self, rt: ModelRuntime) -> None:
+    async def start(self, rt: ModelRuntime, reason: str = "request") -> None:
         """The start transition: reserve room (under the placement lock, briefly), then
         launch and wait healthy, or wake a sleeping vLLM, with the lock released: a slow
-        or hung start never holds up another model's."""
+        or hung start never holds up another model's. A start that fails once launched
+        (or waking) leaves the model ``failed``; one that found no room, ``stopped``."""
         started = time.monotonic()
         asleep = rt.server if rt.state == "sleeping" else None
         server = asleep
         try:
-            await self._reserve(rt)
+            await self._reserve(rt, reason)
             if asleep is not None:
                 await self._post(rt, asleep, "/wake_up")
                 if await self._is_sleeping(rt, asleep) is True:
@@ -204,8 +259,12 @@ class Fleet:
             else:
                 server = await self._launch(rt)
             took = time.monotonic() - started
-            rt.mark_ready(server, rt.reload_cost_s if asleep else took)
+            rt.mark_ready(server, rt.reload_cost_s if asleep else took,
+                          "woken" if asleep else reason)
+            # The idle clock starts now: a preloaded or operator-loaded model has no use yet.
+            rt.admission.last_used = max(rt.admission.last_used, time.monotonic())
             self.metrics.backend_starts.labels(rt.name, "woken" if asleep else "success").inc()
+            self.events.publish("start", rt.name, "woken" if asleep else reason, rt.state)
             if asleep is None:
                 self.metrics.start_duration.labels(rt.name).observe(took)
             log.info("model %s %s in %.1fs at %s", rt.name, "woken" if asleep else "ready", took,
@@ -214,44 +273,22 @@ class Fleet:
             message = str(exc) if isinstance(exc, StartFailed) else (
                 f"model {rt.name!r}: start failed: {type(exc).__name__}: {exc}")
             server = server or rt.server
+            launched = rt.state == "starting"
             if server is not None:
                 await asyncio.shield(self._stop_server(rt, server))
                 self.metrics.stops.labels(rt.name, "failed_start").inc()
-            rt.mark_stopped(message)
+            if launched and not isinstance(exc, asyncio.CancelledError):
+                rt.mark_failed(message)
+            else:
+                rt.mark_stopped(message, "failed_start")
             self.metrics.backend_starts.labels(rt.name, "failure").inc()
+            self.events.publish("failure", rt.name, message, rt.state)
             log.error("%s", message)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise StartFailed(message) from None
         finally:
             rt.transition = None
-
-    async def _reserve(self, rt: ModelRuntime) -> None:
-        """Make room and mark the model ``starting`` (which reserves its footprint), all
-        under the placement lock; wait for room (bounded) with the lock released."""
-        deadline = time.monotonic() + self.settings.gpu.load_timeout_s
-        while True:
-            async with self._placement:
-                rt.vram_mib = self.gpu.footprint(rt.cfg)
-                total = self.gpu.total_mib()
-                if total and rt.vram_mib > total:
-                    raise StartFailed(f"model {rt.name!r} needs {rt.vram_mib} MiB but the GPU "
-                                      f"budget is {total} MiB (gpu.total_vram_mib / vram_mib)")
-                req = self._eviction_request(rt)
-                reason = shortfall(req)
-                if reason is None:
-                    rt.mark_starting()  # from here its footprint counts as held
-                    return
-                victims = self._valid_victims(self.hooks.first("select_evictions", request=req)
-                                              or ())
-                if victims:
-                    await self._evict(victims, reason)
-                    continue
-            if time.monotonic() >= deadline:
-                raise StartFailed(f"model {rt.name!r}: no room after "
-                                  f"{self.settings.gpu.load_timeout_s:g}s ({reason}); loaded "
-                                  "models are busy or pinned")
-            await asyncio.sleep(0.2)
 
     async def _launch(self, rt: ModelRuntime):
         """Start the server and wait until healthy. Its footprint is learned only when no
@@ -261,8 +298,10 @@ class Fleet:
         alone, mine = self._launching == 1, self.gpu_changes
         try:
             used_before = self.gpu.used_mib()
-            server = await rt.driver.start(rt.cfg, free_port())
+            cfg = rt.cfg  # what this server runs, even if a config reload swaps rt.cfg
+            server = await rt.driver.start(cfg, free_port())
             rt.server = server  # so a failure below stops it
+            rt.served_model_name = cfg.served_model_name
             assert self._health_client is not None
             await rt.wait_healthy(server, self.settings.start_timeout(rt.cfg),
                                   self.settings.upstream.health_interval_s, self._health_client)
@@ -300,74 +339,22 @@ class Fleet:
         if resp.status_code >= 400:
             raise StartFailed(f"model {rt.name!r}: POST {path} answered {resp.status_code}")
 
-    def _eviction_request(self, rt: ModelRuntime) -> EvictionRequest:
-        loaded = self.loaded(exclude=rt)
-        return EvictionRequest(
-            target=rt.view(), loaded=tuple(m.view() for m in loaded),
-            total_vram_mib=self.gpu.total_mib() or 0,
-            reserved_vram_mib=sum(m.reserved_mib() for m in loaded),
-            max_models_running=self.settings.max_models_running,
-            min_residency_s=self.settings.gpu.min_residency_s, now=time.monotonic(),
-            sleep_residual_mib=self.settings.gpu.sleep_residual_mib)
-
-    def _valid_victims(self, answer: Iterable[str | Eviction]) -> list[tuple[ModelRuntime, str]]:
-        """The core's guard on any policy: only idle, unpinned, loaded models are evicted,
-        and only an awake ``sleep_mode`` model is put to sleep."""
-        out = []
-        for item in answer:
-            name, action = (item, "stop") if isinstance(item, str) else (item.model, item.action)
-            rt = self.runtimes.get(name)
-            if rt is None or rt.cfg.pinned or not self.may_stop(rt):
-                continue
-            if action == "sleep" and not (rt.cfg.sleep_mode and rt.state == "ready"):
-                continue
-            out.append((rt, "sleep" if action == "sleep" else "stop"))
-        return out
-
-    async def _evict(self, victims: list[tuple[ModelRuntime, str]], reason: str) -> None:
-        used_before = self.gpu.used_mib()
-        freed = 0
-        for victim, action in victims:
-            if not self.may_stop(victim):  # busy again while an earlier victim stopped
-                continue
-            before = victim.reserved_mib()
-            self.metrics.evictions.labels(victim.name, reason).inc()
-            if action == "sleep":
-                await self.sleep_model(victim)
-            else:
-                await self.stop_model(victim, "eviction")
-            freed += before - victim.reserved_mib()
-        await self._wait_released(used_before, freed)
-
-    async def _wait_released(self, used_before: int | None, freed_mib: int) -> None:
-        """Drivers lag: wait until NVML shows the victims' memory gone (bounded)."""
-        if used_before is None or freed_mib <= 0:
-            return
-        deadline = time.monotonic() + self.settings.gpu.release_timeout_s
-        target = used_before - int(freed_mib * 0.9)
-        while time.monotonic() < deadline:
-            used = self.gpu.used_mib()
-            if used is None or used <= target:
-                return
-            await asyncio.sleep(0.25)
-        log.warning("GPU memory not released after %.0fs (used %s MiB, expected <= %s)",
-                    self.settings.gpu.release_timeout_s, self.gpu.used_mib(), target)
-
     # --- stopping ---------------------------------------------------------------------
 
     async def _stop_now(self, rt: ModelRuntime, reason: str) -> None:
         """The stop transition; callers have checked the model may stop."""
         server = rt.server
-        pool = rt.mark_stopping()
+        pool = rt.mark_stopping(reason)
         try:
             if pool is not None:
                 await pool.aclose()
             if server is not None and rt.manages_lifecycle:
                 await self._stop_server(rt, server)
         finally:
-            rt.mark_stopped()
+            rt.mark_stopped(reason=reason)
             self.gpu_changes += 1
             self.metrics.stops.labels(rt.name, reason).inc()
+            self.events.publish("stop", rt.name, reason, rt.state)
             log.info("model %s stopped (%s)", rt.name, reason)
 
     async def _stop_server(self, rt: ModelRuntime, server) -> None:
@@ -379,7 +366,7 @@ class Fleet:
     async def stop_model(self, rt: ModelRuntime, reason: str) -> None:
         """Run a stop as the model's transition, so requests arriving meanwhile wait for
         it and then start the model afresh instead of racing it."""
-        if rt.transition is not None or rt.state == "stopped":
+        if rt.transition is not None or rt.state in ("stopped", "failed"):
             return
 
         async def transition() -> None:
@@ -395,23 +382,26 @@ class Fleet:
         return (rt.state in ("ready", "sleeping") and rt.manages_lifecycle
                 and not rt.admission.busy and rt.transition is None)
 
-    async def sleep_model(self, rt: ModelRuntime) -> None:
-        """Put vLLM to sleep as the model's transition; if it won't sleep, stop it."""
+    async def sleep_model(self, rt: ModelRuntime, reason: str = "eviction") -> None:
+        """Put vLLM to sleep as the model's transition; if it won't sleep, stop it. An
+        operator's sleep (any other ``reason``) first lets requests in flight finish."""
         server = rt.server
 
         async def transition() -> None:
             try:
+                if reason != "eviction":
+                    await self._drained(rt)
                 await self._post(rt, server, f"/sleep?level={rt.cfg.sleep_level}")
                 if await self._is_sleeping(rt, server) is False:
                     raise StartFailed(f"model {rt.name!r}: not asleep after POST /sleep")
-                pool = rt.mark_sleeping()
+                pool = rt.mark_sleeping(reason)
                 self.gpu_changes += 1
                 if pool is not None:
                     await pool.aclose()
                 log.info("model %s asleep (level %d)", rt.name, rt.cfg.sleep_level)
             except StartFailed as exc:
                 log.warning("%s; stopping it instead", exc)
-                await self._stop_now(rt, "eviction")
+                await self._stop_now(rt, "eviction" if reason == "eviction" else "unload")
             finally:
                 rt.transition = None
 
@@ -429,6 +419,7 @@ class Fleet:
         if rt.server is server and rt.state in ("ready", "sleeping") and rt.transition is None:
             log.warning("model %s: server is no longer running", rt.name)
             rt.last_error = f"server exited unexpectedly{tail}"
+            self.events.publish("failure", rt.name, rt.last_error, rt.state)
             await self.stop_model(rt, "crash")
 
     async def _sweep_forever(self) -> None:
@@ -444,6 +435,7 @@ class Fleet:
     async def _sweep(self, check_crashes: bool) -> None:
         now = time.monotonic()
         for rt in list(self.runtimes.values()):
+            rt.drain.sample(now, rt.admission.finished_total, rt.admission.busy)
             if rt.state not in ("ready", "sleeping") or not rt.manages_lifecycle:
                 continue
             idle_s = self.settings.idle_timeout(rt.cfg)
@@ -451,6 +443,7 @@ class Fleet:
                 await self.stop_model(rt, "idle")
             elif check_crashes and rt.server and not await rt.driver.is_running(rt.cfg, rt.server):
                 await self.mark_crashed(rt)
+
 
 
 def _auth(server) -> dict[str, str]:

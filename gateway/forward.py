@@ -23,6 +23,7 @@ from sanic.request import Request
 from sanic.response import HTTPResponse
 
 from gateway.errors import error_response, sse_error_event
+from gateway.rename import ModelRenamer
 from gateway.types import ReadOnlyJSON, RequestInfo, RetrySettings, UpstreamOutcome
 from gateway.upstream import (
     UpstreamFailure,
@@ -76,7 +77,26 @@ class Exchange:
     streaming: bool = False  # the response head has gone to the client
     completed: bool = False  # a stream delivered its [DONE]
     abort_reason: str = ""  # set when the gateway ends this exchange (shutdown deadline)
+    abort_message: str = ""  # what the client is told then ("" = the shutdown's message)
+    holds_slot: bool = False  # admitted past the queue (a forced unload ends only these)
+    request_id: str = ""  # X-Request-ID: the client's, or generated (gateway/logging_setup.py)
+    shown_model: str = ""  # the model name the client sees in the answer
+    renamer: ModelRenamer | None = None  # set when the upstream's name for it differs
+    error_code: str = ""  # the gateway's own refusal, when one decides a fallback
+    queue_wait_s: float = 0.0
     _info: RequestInfo | None = None
+
+    def reroute(self, runtime: ModelRuntime) -> None:
+        """Serve this request on another model (a fallback): forget what the last try set."""
+        self.runtime = runtime
+        self.shown_model = runtime.name
+        self.status = 0
+        self.error_code = ""
+        self.usage = {}
+        self.extra_headers = {}
+        self.renamer = None
+        self.holds_slot = False
+        self._info = None
 
     def info(self) -> RequestInfo:
         """What hooks see of this request: read-only copies, built once, only if asked."""
@@ -125,6 +145,7 @@ class Forwarder:
     async def send(self, ex: Exchange) -> HTTPResponse | None:
         rt = ex.runtime
         headers = forward_request_headers(ex.request.headers)
+        headers["x-request-id"] = ex.request_id
         attempt = 0
         restarted = False
         while True:
@@ -260,6 +281,8 @@ class Forwarder:
         ex.status = upstream.status
         if upstream.status == 200 and b'"usage"' in body:
             ex.usage = _usage(body)
+        if ex.renamer is not None:
+            body = ex.renamer.whole(body)  # Sanic sets Content-Length from the new body
         return self._client_response(ex, upstream, body)
 
     def _client_response(self, ex: Exchange, upstream: UpstreamResponse,
@@ -275,17 +298,21 @@ class Forwarder:
                             head: bytes) -> None:
         """A large non-streamed answer: relay it, keeping only a tail for its usage."""
         response = self._client_response(ex, upstream, None)
-        if upstream.content_length is not None:
+        renamer = ex.renamer
+        if upstream.content_length is not None and renamer is None:
             response.headers["content-length"] = str(upstream.content_length)
+        # Renamed, the length may change: the answer goes out chunked instead.
         ex.status = upstream.status
         out = await ex.request.respond(response)
         ex.streaming = True
         tail = head[-USAGE_TAIL:]
         try:
-            await out.send(head)
+            await out.send(head if renamer is None else renamer.feed(head))
             async for chunk in upstream.chunks():
                 tail = (tail + chunk)[-USAGE_TAIL:]
-                await out.send(chunk)
+                await out.send(chunk if renamer is None else renamer.feed(chunk))
+            if renamer is not None:
+                await out.send(renamer.flush())
         except UpstreamFailure as failure:
             self._count(ex, failure, 1)
             ex.status = 502
@@ -304,12 +331,17 @@ class Forwarder:
         ex.streaming = True
         first = True
         recent: deque[bytes] = deque(maxlen=3)  # where the usage event is, split or not
+        renamer = ex.renamer  # None when the names agree: the loop then does no extra work
         try:
             async for chunk in upstream.chunks():
                 if first:
                     self.metrics.child(self.metrics.ttft, ex.runtime.name).observe(
                         time.perf_counter() - ex.started)
                     first = False
+                if renamer is not None:
+                    chunk = renamer.feed(chunk)
+                    if not chunk:
+                        continue
                 recent.append(chunk)
                 await out.send(chunk)  # no await inside while the client keeps up
                 if b"data: [DONE]" in chunk:
@@ -319,13 +351,18 @@ class Forwarder:
                     ex.completed = True
         except UpstreamFailure as failure:
             if ex.abort_reason:
-                await self._end_stream(ex, out, "the gateway is shutting down", ex.abort_reason)
+                await self._end_stream(ex, out, ex.abort_message or "the gateway is shutting down",
+                                       ex.abort_reason)
                 return
             self._count(ex, failure, 1)
             self.metrics.stream_errors.labels(ex.runtime.name).inc()
             await self._end_stream(ex, out, f"upstream stream broke off: {failure.kind}",
                                    "upstream_error")
             return
+        if renamer is not None:
+            rest = renamer.flush()
+            if rest:
+                await out.send(rest)
         if not ex.completed:
             ex.usage = _usage_from_sse(b"".join(recent)) or ex.usage
         await out.eof()

@@ -20,15 +20,16 @@ MIB = 1024 * 1024
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
                    60, 120, 300, 600)
 START_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
-MODEL_STATES = ("stopped", "starting", "ready", "stopping", "sleeping")
+MODEL_STATES = ("stopped", "starting", "ready", "stopping", "sleeping", "failed")
 REJECTION_REASONS = ("queue_full", "queue_timeout", "admission", "auth", "rate_limit", "too_large",
                      "bad_request", "unknown_model", "shutting_down",
                      "too_many_connections")
 ERROR_KINDS = ("connect", "dns", "connect_timeout", "pool_timeout", "read_timeout", "disconnected",
                "truncated", "protocol", "http_5xx", "http_429")
 START_RESULTS = ("success", "failure", "adopted", "woken")
-STOP_REASONS = ("idle", "eviction", "crash", "shutdown", "failed_start")
+STOP_REASONS = ("idle", "eviction", "crash", "shutdown", "failed_start", "unload", "removed")
 EVICTION_REASONS = ("vram", "max_models")
+RELOAD_RESULTS = ("success", "invalid", "error")
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,9 @@ class GatewayMetrics:
                                            buckets=LATENCY_BUCKETS, registry=r)
         self.rejections = Counter("gateway_rejections", "Requests refused by the gateway.",
                                   ["model", "reason"], registry=r)
+        self.fallbacks = Counter("gateway_fallbacks",
+                                 "Requests for a model served by one of its fallbacks instead.",
+                                 ["model", "fallback"], registry=r)
         self.retries = Counter("gateway_upstream_retries", "Upstream attempts retried.",
                                ["model", "kind"], registry=r)
         self.upstream_errors = Counter("gateway_upstream_errors", "Failed upstream attempts.",
@@ -171,6 +175,11 @@ class GatewayMetrics:
                                          registry=r)
         self.plugin_errors = Counter("gateway_plugin_errors", "Hook implementations that raised.",
                                      ["hook", "plugin"], registry=r)
+        self.config_reloads = Counter("gateway_config_reloads",
+                                      "Config reloads (SIGHUP, POST /gateway/reload) by result.",
+                                      ["result"], registry=r)
+        for result in RELOAD_RESULTS:
+            self.config_reloads.labels(result)  # born at 0
 
     def init_model(self, model: str) -> None:
         """Create every fixed label combination at 0, so the first event is an increase

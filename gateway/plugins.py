@@ -8,11 +8,14 @@ what loads.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.metadata
 import inspect
 import logging
 import os
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -60,13 +63,56 @@ def build_plugin_manager(disabled: Iterable[str] = (), load_entrypoints: bool = 
             except ImportError as exc:
                 raise PluginError(f"built-in plugin {name}: cannot import: {exc}") from exc
             _register(pm, plugin, name)
+    extra = list(extra)
+    installed = _entry_points() if load_entrypoints else []
     if load_entrypoints:
-        _load_entrypoints(pm)
+        _load_entrypoints(pm, installed)
     for name, plugin in extra:
         if not pm.is_blocked(name):
             _register(pm, plugin, name)
     check_contract(pm)
+    known = ({n for n, _ in DEFAULT_PLUGINS} | {n for n, _ in extra}
+             | {ep.name for ep, _ in (installed if load_entrypoints else _entry_points())})
+    for name in disabled:
+        if name not in known:
+            log.warning("plugins.disabled: no plugin is named %r%s; nothing disabled by it",
+                        name, _did_you_mean(name, known))
     return pm
+
+
+def import_plugin_modules(names: Iterable[str], source: str = "config") -> list[tuple[str, object]]:
+    """Import ``plugins.modules``: (name, module) each; PluginError with one line per
+    module that cannot be imported, naming it."""
+    out, lines = [], []
+    for name in names:
+        try:
+            out.append((name, importlib.import_module(name)))
+        except Exception as exc:  # not found, or the module raised while importing
+            lines.append(f"{source}: plugins.modules: cannot import {name!r}: "
+                         f"{type(exc).__name__}: {exc}{_where(exc)}")
+    if lines:
+        raise PluginError("\n".join(lines))
+    return out
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _where(exc: BaseException) -> str:
+    """`` (at file.py:12)``: the innermost frame of the plugin's own code, if any."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<") and f"{os.sep}importlib{os.sep}" not in f.filename
+              and f"{os.sep}pluggy{os.sep}" not in f.filename
+              and os.path.dirname(f.filename) != os.path.dirname(__file__)]
+    if not frames:
+        return ""
+    return f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno})"
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
 
 
 def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
@@ -75,22 +121,49 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {name}: {exc}") from None
+        raise PluginError(f"plugin {name}: {_one_line(exc)}") from None
 
 
-def _load_entrypoints(pm: pluggy.PluginManager) -> None:
-    allow = os.environ.get("VLLM_GATEWAY_LOAD_PLUGINS")
-    names: list[str | None] = [None] if allow is None else [
-        n for n in (n.strip() for n in allow.split(",")) if n]
-    for name in names:
+def _entry_points() -> list[tuple[importlib.metadata.EntryPoint, importlib.metadata.Distribution]]:
+    """Every installed entry point of the group, with its distribution, in the order
+    pluggy loads them."""
+    return [(ep, dist) for dist in importlib.metadata.distributions()
+            for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
+
+
+def _load_entrypoints(pm: pluggy.PluginManager, installed: list) -> None:
+    """Load entry-point plugins one by one (VLLM_GATEWAY_LOAD_PLUGINS: only those named),
+    so a broken one is reported with its entry point and distribution."""
+    allow_text = os.environ.get("VLLM_GATEWAY_LOAD_PLUGINS")
+    allow = None if allow_text is None else {
+        n for n in (n.strip() for n in allow_text.split(",")) if n}
+    names = {ep.name for ep, _ in installed}
+    builtin = {n for n, _ in DEFAULT_PLUGINS}
+    for name in sorted(allow or ()):
+        if name in builtin:
+            log.warning("VLLM_GATEWAY_LOAD_PLUGINS: %r is a built-in plugin, always loaded "
+                        "(the list names entry-point plugins; disable built-ins with "
+                        "plugins.disabled)", name)
+        elif name not in names:
+            log.warning("VLLM_GATEWAY_LOAD_PLUGINS: no entry-point plugin named %r is "
+                        "installed%s (installed: %s)", name, _did_you_mean(name, names),
+                        ", ".join(sorted(names)) or "none")
+    for ep, dist in installed:
+        if allow is not None and ep.name not in allow:
+            continue
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        origin = f"distribution {dist.metadata['name']} {dist.version}"
         try:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
-        except pluggy.PluginValidationError as exc:  # pluggy's message names the plugin
-            raise PluginError(f"entry-point plugin: {exc}") from None
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+        except pluggy.PluginValidationError as exc:  # a hook's signature breaks the spec
+            raise PluginError(f"entry-point plugin {ep.name} ({origin}): {_one_line(exc)}"
+                              ) from None
         except Exception as exc:  # the plugin's module failed to import
-            raise PluginError(f"cannot load plugins from entry-point group {ENTRY_POINT_GROUP!r}"
-                              f"{f' (name {name})' if name else ''}: {type(exc).__name__}: {exc}"
-                              ) from exc
+            raise PluginError(f"cannot load plugins from entry-point group {ENTRY_POINT_GROUP!r}: "
+                              f"entry point {ep.name} = {ep.value} ({origin}): "
+                              f"{type(exc).__name__}: {_one_line(exc)}{_where(exc)}"
+                              ) from None
 
 
 def check_contract(pm: pluggy.PluginManager) -> None:
@@ -136,6 +209,13 @@ def list_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
 Observer = Callable[[str, str, float, BaseException | None], None]
 
 
+def _log_failure(plugin: str, hook: str, exc: BaseException) -> None:
+    """One line naming the plugin, for a hook that raised where the caller turns it into an
+    answer (500 ``plugin_error``) or a failed start-up rather than logging it itself."""
+    log.error("plugin %s: hook %s raised %s: %s%s", plugin, hook, type(exc).__name__,
+              _one_line(exc), _where(exc))
+
+
 class HookRunner:
     """Calls hooks implementation by implementation, timing and isolating each.
 
@@ -156,6 +236,7 @@ class HookRunner:
             result = impl.function(*(kwargs[a] for a in impl.argnames))
         except BaseException as exc:
             self._observe(hook, impl.plugin_name, time.perf_counter() - started, exc)
+            _log_failure(impl.plugin_name, hook, exc)
             raise PluginError(f"plugin {impl.plugin_name}: hook {hook} raised "
                               f"{type(exc).__name__}: {exc}") from exc
         self._observe(hook, impl.plugin_name, time.perf_counter() - started, None)
@@ -207,6 +288,7 @@ class HookRunner:
                     log.error("plugin %s: hook %s raised %s: %s", impl.plugin_name, hook,
                               type(error).__name__, error, exc_info=error)
                     continue
+                _log_failure(impl.plugin_name, hook, error)
                 raise PluginError(f"plugin {impl.plugin_name}: hook {hook} raised "
                                   f"{type(error).__name__}: {error}") from error
             results.append(result)

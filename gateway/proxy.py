@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 from sanic.request import Request
@@ -17,17 +18,23 @@ from gateway.config import Settings
 from gateway.errors import error_response
 from gateway.fleet import Fleet
 from gateway.forward import Exchange, Forwarder
-from gateway.intake import RequestReader
+from gateway.intake import Intake, RequestReader
 from gateway.lifecycle import ModelRuntime, StartFailed
+from gateway.logging_setup import REQUEST_ID, request_id
 from gateway.metrics import REJECTION_REASONS, GatewayMetrics
 from gateway.paths import PathPolicy
 from gateway.plugins import HookRunner, PluginError
+from gateway.rename import ModelRenamer
 from gateway.tracing import Tracing
 from gateway.types import Rejection, RequestInfo
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
              "/v1/embeddings": "embeddings"}
 CLIENT_CLOSED = 499  # nginx's code for "client went away"; only ever a metric label
+# The gateway's own refusals a model's ``fallback_on`` can name.
+FALLBACK_ON = {"model_unavailable": "unavailable", "queue_full": "queue_full"}
+log = logging.getLogger("vllm_gateway.proxy")
+access_log = logging.getLogger("vllm_gateway.access")
 
 
 class Gateway:
@@ -43,8 +50,24 @@ class Gateway:
         self.active: set[Exchange] = set()  # admitted exchanges, for the shutdown deadline
         self.draining = False
         self._admission_hooks = hooks.has_impls("admit_request")
+        self._access_log = settings.logging.access_log
+        for rt in fleet.runtimes.values():
+            for fallback in rt.cfg.fallbacks:
+                metrics.fallbacks.labels(rt.name, fallback)  # born at 0
 
     async def handle(self, request: Request) -> HTTPResponse | None:
+        """One proxied request; its id is in every log line about it and on its answer."""
+        rid = request_id(request.headers.get("x-request-id"))
+        token = REQUEST_ID.set(rid)  # reset after: a keep-alive connection shares one task
+        try:
+            response = await self._handle(request, rid)
+        finally:
+            REQUEST_ID.reset(token)
+        if response is not None:
+            response.headers["X-Request-ID"] = rid
+        return response
+
+    async def _handle(self, request: Request, rid: str) -> HTTPResponse | None:
         started = time.perf_counter()
         endpoint, model_label, status = "other", "", 500
         intake = ex = None
@@ -67,14 +90,14 @@ class Gateway:
                 return error_response(404, f"The model `{intake.model}` does not exist. "
                                       f"Available: {', '.join(self.fleet.runtimes)}",
                                       "model_not_found")
-            model_label = intake.model
             ex = Exchange(request, rt, intake.path, intake.payload, intake.body, intake.stream,
-                          started)
+                          started, request_id=rid, shown_model=intake.model)
             with self.tracing.request_span("gateway.request", request.headers, {
                     "gen_ai.operation.name": _operation(endpoint),
                     "gen_ai.request.model": intake.model, "http.request.method": request.method,
-                    "url.path": intake.path, "gen_ai.system": "vllm"}):
-                response, status = await self._serve(ex)
+                    "url.path": intake.path, "gen_ai.system": "vllm",
+                    "gateway.request_id": rid}):
+                response, status = await self._serve_or_fall_back(ex)
                 self.tracing.set_attributes({"http.response.status_code": status})
                 return response
         except asyncio.CancelledError:  # the client went away (Sanic cancels the handler)
@@ -83,9 +106,43 @@ class Gateway:
             raise
         finally:
             self.reader.release(intake)
+            if ex is not None:
+                model_label = ex.runtime.name  # the model that answered (X-Gateway-Model)
+            elapsed = time.perf_counter() - started
             self.metrics.child(self.metrics.requests, model_label, endpoint, str(status)).inc()
             self.metrics.child(self.metrics.request_duration, model_label, endpoint).observe(
-                time.perf_counter() - started)
+                elapsed)
+            if self._access_log and access_log.isEnabledFor(logging.INFO):
+                _log_access(request, intake, model_label, status, elapsed, ex)
+
+    async def _serve_or_fall_back(self, ex: Exchange) -> tuple[HTTPResponse | None, int]:
+        """Serve the model asked for; if the gateway finds it unavailable (or its queue
+        full, when its ``fallback_on`` says so), serve the request on the first of its
+        ``fallbacks`` that can, in order. Only the asked-for model's own list is tried,
+        each entry once (no chains, no loops); if none can, the client gets the asked-for
+        model's refusal. The gateway's refusals are not sent before this decides."""
+        first = ex.runtime
+        response, status = await self._serve(ex)
+        if not first.cfg.fallbacks or not self._falls_back(first, ex):
+            return _stamped(response, first), status
+        refusal = response, status
+        reason = FALLBACK_ON[ex.error_code]
+        for name in first.cfg.fallbacks:
+            fallback = self.fleet.runtimes.get(name)
+            if fallback is None:  # validated at load; a reload may have removed it
+                continue
+            log.info("model %s %s: trying fallback %s", first.name, reason, name)
+            ex.reroute(fallback)
+            response, status = await self._serve(ex)
+            if not self._falls_back(first, ex):
+                self.metrics.child(self.metrics.fallbacks, first.name, name).inc()
+                return _stamped(response, fallback), status
+        ex.runtime = first
+        return _stamped(refusal[0], first), refusal[1]
+
+    @staticmethod
+    def _falls_back(first: ModelRuntime, ex: Exchange) -> bool:
+        return FALLBACK_ON.get(ex.error_code) in first.cfg.fallback_on
 
     async def _serve(self, ex: Exchange) -> tuple[HTTPResponse | None, int]:
         rt, payload = ex.runtime, ex.payload
@@ -93,18 +150,26 @@ class Gateway:
             rejected = await self._admit(ex.info(), rt)
             if rejected is not None:
                 return rejected, rejected.status
-        if rt.served_model_name and payload.get("model") != rt.served_model_name:
-            ex.body = json.dumps({**payload, "model": rt.served_model_name}).encode()
+        upstream_name = rt.served_model_name or rt.name
+        if payload.get("model") != upstream_name:  # an alias, a served name, a fallback
+            ex.body = json.dumps({**payload, "model": upstream_name}).encode()
+        if upstream_name != ex.shown_model:
+            ex.renamer = ModelRenamer(upstream_name, ex.shown_model)
         ex.task = asyncio.current_task()
         self.active.add(ex)
         try:
             async with rt.admission.slot() as waited:
                 self.metrics.child(self.metrics.queue_wait, rt.name).observe(waited)
                 self.tracing.event("gateway.queue_wait", {"wait_s": waited})
+                ex.queue_wait_s += waited
                 ex.extra_headers = self.queue_headers(rt)
+                ex.extra_headers["X-Gateway-Model"] = rt.name
+                ex.extra_headers["X-Request-ID"] = ex.request_id
+                ex.holds_slot = True
                 response = await self._forward(ex)
                 return response, ex.status
         except QueueFull:
+            ex.error_code = "queue_full"
             return self._reject(rt, 429, "queue_full", f"model {rt.name!r} queue is full "
                                 f"({rt.admission.max_queue} waiting); retry later"), 429
         except QueueTimeout:
@@ -117,7 +182,10 @@ class Gateway:
             task = asyncio.current_task()
             if not ex.abort_reason or ex.streaming or task is None:
                 raise
-            task.uncancel()  # the gateway ended it at the shutdown deadline: say so
+            task.uncancel()  # the gateway ended it (shutdown deadline, forced unload): say so
+            if ex.abort_reason == "model_unloaded":
+                return error_response(503, ex.abort_message, "model_unloaded",
+                                      ex.extra_headers), 503
             return self.shutting_down(), 503
         finally:
             self.active.discard(ex)
@@ -132,11 +200,16 @@ class Gateway:
             rt.admission.close()
         self.fleet.stop_starting()
 
-    def abort_active(self, reason: str) -> None:
-        """End every request still in flight: open streams get an SSE error event, the
-        rest a 503 (used when the shutdown grace runs out)."""
+    def abort_active(self, reason: str, runtime: ModelRuntime | None = None,
+                     message: str = "") -> None:
+        """End every request still in flight (only ``runtime``'s slot holders, if given):
+        open streams get an SSE error event, the rest a 503 (used when the shutdown grace
+        runs out, and by a forced unload)."""
         for ex in list(self.active):
+            if runtime is not None and (ex.runtime is not runtime or not ex.holds_slot):
+                continue
             ex.abort_reason = reason
+            ex.abort_message = message
             if ex.streaming and ex.upstream is not None:
                 ex.upstream.abort()
             elif not ex.streaming and ex.task is not None:
@@ -158,8 +231,9 @@ class Gateway:
                 ex.status = 503
                 return self.shutting_down()
             ex.status = 503
+            ex.error_code = "model_unavailable"
             headers = dict(ex.extra_headers)
-            headers["Retry-After"] = "10"
+            headers["Retry-After"] = str(self._retry_after(rt))
             return error_response(503, str(exc).split("\n")[0], "model_unavailable", headers)
         except PluginError as exc:
             ex.status = 500
@@ -191,7 +265,7 @@ class Gateway:
 
     @staticmethod
     def _retry_after(rt: ModelRuntime) -> int:
-        return 1 if rt.state == "ready" else 10
+        return rt.retry_after_s()
 
     @staticmethod
     def queue_headers(rt: ModelRuntime) -> dict[str, str]:
@@ -210,6 +284,33 @@ class Gateway:
                 self.metrics.child(self.metrics.tokens, name, kind).inc(value)
         self.tracing.set_attributes({"gen_ai.usage.input_tokens": usage.get("prompt_tokens") or 0,
                                      "gen_ai.usage.output_tokens": usage.get("completion_tokens") or 0})
+
+
+def _stamped(response: HTTPResponse | None, rt: ModelRuntime) -> HTTPResponse | None:
+    """The gateway's own answers name the model too (forwarded ones have it already)."""
+    if response is not None:
+        response.headers["X-Gateway-Model"] = rt.name
+    return response
+
+
+def _log_access(request: Request, intake: Intake | HTTPResponse | None, model: str, status: int,
+                elapsed: float, ex: Exchange | None) -> None:
+    """One line per proxied request; called only when the access logger is enabled."""
+    path = intake.path if isinstance(intake, Intake) else _loggable(request.path)
+    wait_ms = round(ex.queue_wait_s * 1000, 1) if ex is not None else 0.0
+    duration_ms = round(elapsed * 1000, 1)
+    access_log.info("%s %s %d model=%s duration_ms=%.1f queue_ms=%.1f request_id=%s",
+                    request.method, path, status, model or "-", duration_ms, wait_ms,
+                    REQUEST_ID.get(),
+                    extra={"access": {"method": request.method, "path": path, "model": model,
+                                      "status": status, "duration_ms": duration_ms,
+                                      "queue_ms": wait_ms}})
+
+
+def _loggable(text: str) -> str:
+    """A client-sent string made safe for a log line: printable ASCII, bounded."""
+    text = text[:200]
+    return text if text.isascii() and text.isprintable() else ascii(text)[1:-1]
 
 
 def _operation(endpoint: str) -> str:

@@ -6,8 +6,8 @@ requests get 503 ``shutting_down`` with Retry-After, in-flight ones may finish w
 event), and only then is the server stopped, so model servers are stopped by the fleet
 and the process exits 0. Later signals are logged and change nothing; a signal during
 start-up waits for the server to be up, because stopping the loop mid-start is what
-used to skip the fleet's shutdown. SIGHUP is logged (config reload is not built yet)
-instead of killing the gateway by its default action.
+used to skip the fleet's shutdown. SIGHUP reloads the config file (gateway/reload.py),
+once the server is up; during a drain it is logged and ignored.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ class Shutdown:
         self.app = app
         self.gw = gw
         self.serving = asyncio.Event()
+        self._reloads: set[asyncio.Task[None]] = set()
         self.task: asyncio.Task[None] | None = None
 
     def install(self) -> None:
@@ -42,7 +43,19 @@ class Shutdown:
         loop.add_signal_handler(signal.SIGHUP, self._hangup)
 
     def _hangup(self) -> None:
-        log.warning("SIGHUP received: config reload is not supported yet; ignored")
+        if self.task is not None:
+            log.warning("SIGHUP received while shutting down; config not reloaded")
+            return
+        log.info("SIGHUP received: reloading the config")
+        task = asyncio.get_running_loop().create_task(self._reload(), name="config-reload")
+        self._reloads.add(task)  # a reference, so the task is not collected mid-way
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self) -> None:
+        from gateway.reload import reloader
+
+        await self.serving.wait()  # a SIGHUP during start-up reloads once serving
+        await reloader(self.app).reload("SIGHUP")  # logs and counts its outcome itself
 
     def request_stop(self, sig: int = signal.SIGTERM) -> None:
         if self.task is not None:

@@ -9,7 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-ModelState = Literal["stopped", "starting", "ready", "stopping", "sleeping"]
+# ``failed``: the last start failed; nothing runs, and until its backoff has passed
+# requests get 503 at once instead of relaunching it (gateway/lifecycle.py).
+ModelState = Literal["stopped", "starting", "ready", "stopping", "sleeping", "failed"]
 # How an upstream attempt failed, as the gateway itself classified it (gateway/upstream.py).
 # Not sent (safe to retry): connect (refused/unreachable), dns, connect_timeout,
 # pool_timeout. Sent or maybe sent: read_timeout, disconnected (closed or reset after the
@@ -204,6 +206,9 @@ class BackendDriver(Protocol):
         ...
 
     async def logs_tail(self, model: Any, server: RunningServer, lines: int = 20) -> str: ...
+
+    # ``async exit_code(model, server) -> int | None`` (optional): the exit status of a
+    # server that has exited, when the driver knows it; shown in start errors.
 
 
 class Register(Protocol):

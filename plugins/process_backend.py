@@ -344,6 +344,11 @@ class ProcessDriver:
         proc = self._procs.get(server.ident)
         return proc is not None and proc.returncode is None
 
+    async def exit_code(self, model: Any, server: RunningServer) -> int | None:
+        """The server's exit status once it has exited (the guard exits with it)."""
+        proc = self._procs.get(server.ident)
+        return proc.returncode if proc is not None else None
+
     async def adopt(self, model: Any) -> RunningServer | None:
         """Nothing to adopt: a process server never outlives its gateway (its guard stops
         it when the gateway dies), and ``reap_orphans`` stops any that a dead gateway

@@ -150,12 +150,18 @@ GATEWAY_ENV_VARS = ("GATEWAY_MAX_QUEUE_SIZE", "GATEWAY_MAX_CONCURRENT",
                     "GATEWAY_MAX_MODELS_CONCURRENT", "VLLM_INACTIVITY_TIMEOUT", "VLLM_PORT",
                     "VLLM_IMAGE", "HF_TOKEN", "TOTAL_GPU_VRAM", "OTEL_EXPORTER_OTLP_ENDPOINT",
                     "ALLOWED_MODELS_JSON")
+LOAD_PLUGINS = "VLLM_GATEWAY_LOAD_PLUGINS"  # the entry-point allow-list; tests load none
 
 
 def gateway_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a gateway/CLI subprocess: ours, minus config overrides, plus ``env``."""
+    """The environment for a gateway/CLI subprocess: ours, minus config overrides, plus ``env``.
+
+    ``VLLM_GATEWAY_LOAD_PLUGINS`` is empty unless ``env`` names plugins: entry-point plugins
+    someone installed into the environment must not change what a test sees.
+    """
     out = {k: v for k, v in os.environ.items() if k not in GATEWAY_ENV_VARS}
     out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), out.get("PYTHONPATH")) if p)
+    out[LOAD_PLUGINS] = ""
     out.update(env or {})
     return out
 

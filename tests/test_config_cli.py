@@ -82,9 +82,9 @@ MODEL_PROBLEMS = {
     ],
 }
 MODEL_EXPECTED = [
-    ("models.0 (no-command).command", "required"),
-    ("models.1 (no-url).url", "required"),
-    ("models.2 (odd).backend", "unknown backend 'teleport'"),
+    ("models[no-command].command", "required"),
+    ("models[no-url].url", "required"),
+    ("models[odd].backend", "unknown backend 'teleport'"),
 ]
 
 
@@ -169,7 +169,7 @@ def test_allowed_models_json_replaces_models(tmp_path):
     ("[1", "Expecting"),
     ('"just a string"', "must be a JSON list or object"),
     ("[3]", "entries must be strings or objects"),
-    ('{"name": 1}', "models.0.model"),
+    ('{"name": 1}', "models[name].model"),
 ])
 def test_allowed_models_json_problem_names_the_variable(tmp_path, value, fragment):
     result = cli("check-config", write(tmp_path, VALID), env={"ALLOWED_MODELS_JSON": value})
@@ -179,7 +179,7 @@ def test_allowed_models_json_problem_names_the_variable(tmp_path, value, fragmen
 def test_malformed_yaml_is_one_clear_line(tmp_path):
     path = write(tmp_path, "models: [a, b\n  listen: :\n")
     result = cli("check-config", path)
-    assert_problems(result, [(path, "not valid YAML", "line 2")])
+    assert_problems(result, [(f"{path}:2:9: not valid YAML", "flow sequence at line 1")])
 
 
 @pytest.mark.parametrize("content,fragment", [("- a\n- b\n", "must be a mapping"),

@@ -320,7 +320,7 @@ def test_health_wait_timeout_gives_503_and_removes_container(docker_client, pref
     assert "not healthy after 2s" in r.json()["error"]["message"]
     assert _labelled(docker_client, prefix) == []
     status = gw.status()["models"]["slow"]
-    assert status["state"] == "stopped"
+    assert status["state"] == "failed"
     assert "not healthy" in status["last_error"]
     assert gw.metric("gateway_backend_starts_total", model="slow", result="failure") == 1
     _assert_quiet(gw)
@@ -411,7 +411,7 @@ def test_daemon_unreachable_gives_quick_503_with_reason(gateways, tmp_path):
     message = r.json()["error"]["message"]
     assert f"Docker daemon not reachable at {bogus}" in message
     status = gw.status()["models"]["m1"]
-    assert status["state"] == "stopped"
+    assert status["state"] == "failed"
     assert "Docker daemon not reachable" in status["last_error"]
     assert gw.http.get("/health").status_code == 200
     _assert_quiet(gw)

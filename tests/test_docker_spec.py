@@ -251,9 +251,9 @@ def test_bad_docker_model_fails_config_check_with_file_and_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         build_gateway(settings, source="gw.yaml")
     assert err.value.lines == [
-        "gw.yaml: models.0 (m).model: required for backend docker (a Hugging Face id or a path "
+        "gw.yaml: models[m].model: required for backend docker (a Hugging Face id or a path "
         "inside the container), unless command is given",
-        "gw.yaml: models.0 (m).gpus: a GPU count must be >= 0 (got -2)"]
+        "gw.yaml: models[m].gpus: a GPU count must be >= 0 (got -2)"]
 
 
 def test_gateway_configures_the_driver_with_its_settings():

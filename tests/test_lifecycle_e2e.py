@@ -162,14 +162,14 @@ def test_start_failure_when_command_exits(gw, names):
     assert "\n" not in err["message"]
     assert r.headers["Retry-After"]
     status = gw.status()["models"][name]
-    assert status["state"] == "stopped"
-    assert "exited during start-up" in status["last_error"]
+    assert status["state"] == "failed"
+    assert "exited during start-up (exit code 3)" in status["last_error"]
     assert status["drift"] == 0 and status["in_flight"] == 0
     assert pids_matching(names.marker) == []
     assert gw.metric("gateway_backend_starts_total", model=name, result="failure") == 1
-    # the next request tries again (and fails the same way)
+    # the next request falls in the start backoff: refused the same way, nothing relaunched
     assert chat(gw, name).status_code == 503
-    assert gw.metric("gateway_backend_starts_total", model=name, result="failure") == 2
+    assert gw.metric("gateway_backend_starts_total", model=name, result="failure") == 1
 
 
 def test_start_timeout_kills_the_server(gw, names):
@@ -184,7 +184,7 @@ def test_start_timeout_kills_the_server(gw, names):
     assert 1 <= elapsed < 10
     # the half-started server is gone before the client hears about it
     assert pids_matching("--served-model-name", name) == []
-    assert state(gw, name) == "stopped"
+    assert state(gw, name) == "failed"
     assert gw.metric("gateway_backend_stops_total", model=name, reason="failed_start") == 1
     assert gw.metric("gateway_backend_starts_total", model=name, result="failure") == 1
 
@@ -197,7 +197,7 @@ def test_unrunnable_command_is_503_not_500(gw, names, kind):
     err = r.json()["error"]
     assert err["code"] == "model_unavailable"
     assert "cannot run" in err["message"]
-    assert state(gw, name) == "stopped"
+    assert state(gw, name) == "failed"
     assert settled(gw, name)["drift"] == 0
 
 

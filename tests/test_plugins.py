@@ -146,7 +146,7 @@ def test_hook_register_backends(shared):
 
 def test_register_backends_unknown_backend_without_plugin():
     raw = {"models": [{"name": "m", "backend": "mytest"}]}
-    with pytest.raises(ConfigError, match=r"models\.0 \(m\)\.backend: unknown backend 'mytest' "
+    with pytest.raises(ConfigError, match=r"models\[m\]\.backend: unknown backend 'mytest' "
                                           r"\(known: .*process, static"):
         build_gateway(load_settings(raw=raw, environ={}))
     import gwtest_plugins.custom_backend as plugin
@@ -157,7 +157,7 @@ def test_register_backends_unknown_backend_without_plugin():
 def test_register_backends_driver_validates_model():
     import gwtest_plugins.custom_backend as plugin
     raw = {"models": [{"name": "m", "backend": "mytest", "command": ["x"]}]}
-    with pytest.raises(ConfigError, match=r"models\.0 \(m\)\.command: not used by backend mytest"):
+    with pytest.raises(ConfigError, match=r"models\[m\]\.command: not used by backend mytest"):
         build_gateway(load_settings(raw=raw, environ={}), extra_plugins=[("mine", plugin)])
 
 

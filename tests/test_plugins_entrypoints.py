@@ -8,6 +8,8 @@ as for a plugin installed in the gateway's environment.
 """
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -28,6 +30,7 @@ if str(FIXTURES) not in sys.path:
 from gwtest_process import run_cli, start_gateway
 
 PACKAGE = Path(__file__).resolve().parent / "plugin_pkgs" / "gw_example_plugin"
+DISTRIBUTIONS = importlib.metadata.distributions
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
@@ -54,7 +57,7 @@ def listed(site: Path, *args: str, env: dict[str, str] | None = None) -> dict[st
 
 
 def test_entry_point_plugin_is_listed_with_its_distribution(site):
-    rows = listed(site)
+    rows = listed(site, env={"VLLM_GATEWAY_LOAD_PLUGINS": "example"})
     assert rows["example"] == {"name": "example", "origin": "distribution gw-example-plugin 0.1.0",
                                "hooks": ["admit_request"]}
     assert rows["lru_eviction"]["origin"] == "builtin"
@@ -70,15 +73,24 @@ def names(pm) -> set[str]:
 
 
 def test_not_found_without_the_distribution(monkeypatch):
-    monkeypatch.delenv("VLLM_GATEWAY_LOAD_PLUGINS", raising=False)
+    monkeypatch.setenv("VLLM_GATEWAY_LOAD_PLUGINS", "example")
     assert "example" not in names(build_plugin_manager())
+
+
+@pytest.fixture
+def only_site(site, monkeypatch):
+    """Entry points are looked up in ``site`` alone: without an allow-list every installed
+    plugin would load, and plugins someone installed into .venv must not change results."""
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(importlib.metadata, "distributions",
+                        functools.partial(DISTRIBUTIONS, path=[str(site)]))
+    return site
 
 
 @pytest.mark.parametrize("allow, loaded", [(None, True), ("", False), ("example", True),
                                            ("other", False), (" other , example ", True)])
-def test_allow_list_env_var(site, monkeypatch, allow, loaded):
+def test_allow_list_env_var(only_site, monkeypatch, allow, loaded):
     """VLLM_GATEWAY_LOAD_PLUGINS limits entry-point plugins; built-ins always load."""
-    monkeypatch.syspath_prepend(str(site))
     if allow is None:
         monkeypatch.delenv("VLLM_GATEWAY_LOAD_PLUGINS", raising=False)
     else:
@@ -90,8 +102,7 @@ def test_allow_list_env_var(site, monkeypatch, allow, loaded):
 
 @pytest.mark.parametrize("plugins_cfg", [{"disabled": ["example"]}, {"load_entrypoints": False}],
                          ids=["disabled-by-name", "entrypoints-off"])
-def test_config_keeps_entry_point_plugin_out(site, monkeypatch, plugins_cfg):
-    monkeypatch.syspath_prepend(str(site))
+def test_config_keeps_entry_point_plugin_out(only_site, monkeypatch, plugins_cfg):
     monkeypatch.delenv("VLLM_GATEWAY_LOAD_PLUGINS", raising=False)
     raw = {"plugins": plugins_cfg, "models": [{"name": "m", "backend": "static",
                                                "url": "http://127.0.0.1:9"}]}
@@ -104,7 +115,8 @@ def test_config_keeps_entry_point_plugin_out(site, monkeypatch, plugins_cfg):
 def test_entry_point_plugin_admits_through_a_running_gateway(site, tmp_path):
     with start_simulator("m", ttft_ms=0, itl_ms=0) as sim:
         cfg = {"models": [{"name": "m", "backend": "static", "url": sim.url}]}
-        with start_gateway(cfg, tmp_path, pythonpath=(str(site),)) as gw:
+        with start_gateway(cfg, tmp_path, pythonpath=(str(site),),
+                           env={"VLLM_GATEWAY_LOAD_PLUGINS": "example"}) as gw:
             blocked = gw.post("/v1/chat/completions", {"model": "m", "user": "blocked", **CHAT})
             assert blocked.status_code == 403
             assert blocked.json()["error"]["code"] == "user_blocked"
@@ -123,12 +135,16 @@ def test_broken_entry_point_plugin_is_a_clean_error(tmp_path):
     (dist / "entry_points.txt").write_text("[vllm_gateway]\nbad = gw_bad_plugin\n")
     (tmp_path / "gw_bad_plugin.py").write_text(
         "from gateway import hookimpl\n\n@hookimpl\ndef select_evictions(req):\n    return []\n")
-    out = run_cli("plugins", pythonpath=(str(tmp_path),))
+    allow = {"VLLM_GATEWAY_LOAD_PLUGINS": "bad"}
+    out = run_cli("plugins", pythonpath=(str(tmp_path),), env=allow)
     assert out.returncode == 1
+    assert "entry-point plugin bad (distribution gw-bad-plugin 0.1.0)" in out.stderr
     assert "Plugin 'bad' for hook 'select_evictions'" in out.stderr
     assert "Traceback" not in out.stderr
     (tmp_path / "gw_bad_plugin.py").write_text("import no_such_module_xyz\n")
-    out = run_cli("plugins", pythonpath=(str(tmp_path),))
+    out = run_cli("plugins", pythonpath=(str(tmp_path),), env=allow)
     assert out.returncode == 1
-    assert "cannot load plugins from entry-point group 'vllm_gateway'" in out.stderr
-    assert "no_such_module_xyz" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "cannot load plugins from entry-point group 'vllm_gateway': entry point bad = "
+        "gw_bad_plugin (distribution gw-bad-plugin 0.1.0): ModuleNotFoundError: No module "
+        "named 'no_such_module_xyz' (at gw_bad_plugin.py:1)"]

@@ -77,7 +77,8 @@ def test_every_dashboard_query_returns_data(tmp_path):
             {"name": "chat-a", "backend": "process", "command": SIM, "max_concurrent": 8},
             # one slot, no queue, slow: a share of its requests is answered 429
             {"name": "tiny", "backend": "process", "max_concurrent": 1, "max_queue": 0,
-             "command": SIM[:-4] + ["--ttft-ms", "50", "--itl-ms", "2"]},
+             "command": SIM[:-4] + ["--ttft-ms", "50", "--itl-ms", "2"],
+             "fallbacks": ["chat-a"]},  # the fallback series exist (born at 0)
         ],
     }
     with start_gateway(config, tmp_path / "gw") as gw:

@@ -60,7 +60,7 @@ def test_sleep_level_2_is_refused_with_a_reason():
         settings(models=[{"name": "m", "backend": "static", "url": "http://127.0.0.1:1",
                           "sleep_mode": True, "sleep_level": 2}])
     (line,) = info.value.lines
-    assert "models.0.sleep_level" in line and "discards the weights" in line
+    assert "models[m].sleep_level" in line and "discards the weights" in line
 
 
 # --- defect 7: without NVML every model counted as 16000 MiB -------------------------------
@@ -69,7 +69,7 @@ VLLM_CMD = ["/opt/venv/bin/vllm", "serve", "m", "--port", "{port}"]
 
 
 def budget(**gpu) -> GpuBudget:
-    s = settings(gpu=gpu, models=[])
+    s = settings(gpu=gpu, models=[{"name": "x", "backend": "static", "url": "http://127.0.0.1:1"}])
     return GpuBudget(s, HookRunner(build_plugin_manager([], False, [])))
 
 

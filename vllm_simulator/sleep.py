@@ -18,7 +18,7 @@ reloaded after waking).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from sanic import Sanic
 from sanic.request import Request
@@ -26,8 +26,13 @@ from sanic.response import HTTPResponse
 
 from vllm_simulator import text as st
 
-if TYPE_CHECKING:
-    from vllm_simulator.server import SimState
+
+class SimState(Protocol):
+    """What sleep mode needs of the simulator's state (vllm_simulator.server.SimState)."""
+
+    awake: asyncio.Event
+
+    def set_sleep_state(self, level: int | None) -> None: ...
 
 TRANSITION_S = 0.05  # offloading/reloading weights, much faster than a cold start
 

@@ -42,6 +42,7 @@ async def status(request: Request) -> HTTPResponse:
         "in_flight": sum(m["in_flight"] for m in models.values()),
         "vram_total_mib": fleet.gpu.total_mib(),
         "vram_reserved_mib": sum(m["vram_mib"] for m in models.values()),
+        "event_subscribers": fleet.events.subscribers,
     }
     return json_response({"models": models, "totals": totals})
 

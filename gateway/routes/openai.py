@@ -6,10 +6,17 @@ allow-list, so the route patterns here only decide what reaches ``handle``.
 """
 from __future__ import annotations
 
+from typing import Any
+from urllib.parse import unquote
+
 from sanic import Blueprint, Sanic
 from sanic.request import Request
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
+
+from gateway.errors import error_response
+from gateway.lifecycle import ModelRuntime
+from gateway.logging_setup import request_id
 
 openai_api = Blueprint("openai_api")
 
@@ -33,10 +40,36 @@ def add_extra_routes(app: Sanic, paths: list[str]) -> None:
         app.add_route(proxy_extra, path, methods=["POST"], name=f"proxy_extra_{i}", stream=True)
 
 
+def model_object(model_id: str, rt: ModelRuntime) -> dict[str, Any]:
+    """OpenAI's model object plus the gateway's ``state`` and ``backend``; an alias is
+    an entry of its own (clients look models up by id) with ``alias_of`` naming the model."""
+    obj = {"id": model_id, "object": "model", "created": 0, "owned_by": "vllm-gateway",
+           "state": rt.state, "backend": rt.cfg.backend}
+    if model_id != rt.name:
+        obj["alias_of"] = rt.name
+    return obj
+
+
 @openai_api.get("/v1/models")
 async def list_models(request: Request) -> HTTPResponse:
     fleet = request.app.ctx.gateway.fleet
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": "vllm-gateway",
-             "state": rt.state, "backend": rt.cfg.backend}
-            for name, rt in fleet.runtimes.items()]
-    return json_response({"object": "list", "data": data})
+    data = [model_object(model_id, rt) for rt in fleet.runtimes.values()
+            for model_id in (rt.name, *rt.cfg.aliases)]
+    return _with_id(request, json_response({"object": "list", "data": data}))
+
+
+@openai_api.get("/v1/models/<model_id:path>")
+async def retrieve_model(request: Request, model_id: str) -> HTTPResponse:
+    """``GET /v1/models/{id}``; ids may hold ``/``, sent as is or as ``%2F`` (the openai
+    client's spelling). Model names never contain ``%``, so decoding is unambiguous."""
+    model_id = unquote(model_id)
+    rt = request.app.ctx.gateway.fleet.get(model_id)
+    if rt is None:
+        return _with_id(request, error_response(
+            404, f"The model `{model_id[:200]}` does not exist.", "model_not_found"))
+    return _with_id(request, json_response(model_object(model_id, rt)))
+
+
+def _with_id(request: Request, response: HTTPResponse) -> HTTPResponse:
+    response.headers["X-Request-ID"] = request_id(request.headers.get("x-request-id"))
+    return response
