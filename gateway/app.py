@@ -19,6 +19,7 @@ from gateway.config import Settings
 from gateway.drivers import check_models, collect_drivers, configure_drivers
 from gateway.errors import error_response
 from gateway.fleet import Fleet
+from gateway.logging_setup import request_id
 from gateway.metrics import GatewayMetrics
 from gateway.plugins import HookRunner, build_plugin_manager, import_plugin_modules
 from gateway.proxy import Gateway
@@ -37,7 +38,8 @@ _app_ids = itertools.count()
 # timeouts (queue, start, load, upstream) are the only ones that apply.
 NO_SANIC_TIMEOUT_S = 10 * 86_400
 TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                        b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%b")
+                        b"retry-after: 1\r\nx-request-id: %b\r\nconnection: close\r\n"
+                        b"content-length: %d\r\n\r\n%b")
 
 
 class GatewayProtocol(HttpProtocol):
@@ -50,7 +52,8 @@ class GatewayProtocol(HttpProtocol):
         if cap is not None and len(self.connections) > cap:
             body = error_response(503, f"too many open connections (limits.max_connections = "
                                   f"{cap}); retry shortly", "too_many_connections").body
-            transport.write(TOO_MANY_CONNECTIONS % (len(body), body))
+            rid = request_id(None).encode()  # no request read yet: a fresh id
+            transport.write(TOO_MANY_CONNECTIONS % (rid, len(body), body))
             transport.close()
             self.app.ctx.gateway.metrics.rejections.labels("", "too_many_connections").inc()
 
@@ -106,6 +109,13 @@ def create_app(settings: Settings, extra_plugins: Iterable[tuple[str, object]] =
     app.blueprint(ui)
     add_extra_routes(app, settings.upstream.extra_paths)
     _add_error_handlers(app, gw)
+
+    @app.on_response
+    async def _request_id(request, response) -> None:
+        # Every answer carries X-Request-ID: the proxied ones set it themselves (the id
+        # is on their logs and spans too); this covers admin, status and error answers.
+        if response is not None and "x-request-id" not in response.headers:
+            response.headers["X-Request-ID"] = request_id(request.headers.get("x-request-id"))
 
     @app.before_server_start
     async def _start(app: Sanic) -> None:
