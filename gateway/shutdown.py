@@ -68,8 +68,7 @@ class Shutdown:
 
     async def _run(self) -> None:
         await self.serving.wait()
-        self.app.ctx.serving = False
-        self.gw.begin_drain()
+        self.gw.begin_drain()  # /ready answers 503 from here; /health stays 200 (alive)
         deadline = time.monotonic() + self.gw.settings.shutdown_grace_s
         while self.gw.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -16,10 +16,11 @@ admin = Blueprint("admin")
 
 @admin.get("/health")
 async def health(request: Request) -> HTTPResponse:
-    """Liveness: 200 once fully started, 503 while starting or shutting down."""
+    """Liveness: 200 from start-up until the server stops, draining included (a load
+    balancer reads /ready for that); 503 while starting or once stopping."""
     if not request.app.ctx.serving:
         return json_response({"status": "starting"}, status=503)
-    return json_response({"status": "ok"})
+    return json_response({"status": "draining" if request.app.ctx.gateway.draining else "ok"})
 
 
 @admin.get("/ready")
