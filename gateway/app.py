@@ -19,7 +19,7 @@ from gateway.config import Settings
 from gateway.drivers import check_models, collect_drivers, configure_drivers
 from gateway.errors import error_response
 from gateway.fleet import Fleet
-from gateway.logging_setup import request_id
+from gateway.logging_setup import request_id, tag_request_id
 from gateway.metrics import GatewayMetrics
 from gateway.plugins import HookRunner, build_plugin_manager, import_plugin_modules
 from gateway.proxy import Gateway
@@ -110,13 +110,6 @@ def create_app(settings: Settings, extra_plugins: Iterable[tuple[str, object]] =
     add_extra_routes(app, settings.upstream.extra_paths)
     _add_error_handlers(app, gw)
 
-    @app.on_response
-    async def _request_id(request, response) -> None:
-        # Every answer carries X-Request-ID: the proxied ones set it themselves (the id
-        # is on their logs and spans too); this covers admin, status and error answers.
-        if response is not None and "x-request-id" not in response.headers:
-            response.headers["X-Request-ID"] = request_id(request.headers.get("x-request-id"))
-
     @app.before_server_start
     async def _start(app: Sanic) -> None:
         if app.ctx.handle_signals:
@@ -146,7 +139,18 @@ def create_app(settings: Settings, extra_plugins: Iterable[tuple[str, object]] =
 
 
 def _add_error_handlers(app: Sanic, gw: Gateway) -> None:
-    @app.exception(PayloadTooLarge)
+    def handles(*exceptions):
+        """``app.exception``, and the answer carries X-Request-ID."""
+        def register(fn):
+            async def tagged(request, exc):
+                response = await fn(request, exc)
+                await tag_request_id(request, response)
+                return response
+            app.exception(*exceptions)(tagged)
+            return fn
+        return register
+
+    @handles(PayloadTooLarge)
     async def _too_large(request, exc):
         gw.metrics.rejections.labels("", "too_large").inc()
         if "header" in str(exc).lower():
@@ -156,28 +160,28 @@ def _add_error_handlers(app: Sanic, gw: Gateway) -> None:
         return error_response(413, f"request body exceeds {gw.settings.limits.max_request_bytes} "
                               "bytes (limits.max_request_bytes)", "request_too_large")
 
-    @app.exception(RequestTimeout)
+    @handles(RequestTimeout)
     async def _timeout(request, exc):
         return error_response(408, "request headers not received within "
                               f"{gw.settings.limits.header_timeout_s:g}s (limits.header_timeout_s)",
                               "request_timeout")
 
-    @app.exception(NotFound)
+    @handles(NotFound)
     async def _not_found(request, exc):
         return error_response(404, f"no route for {request.method} {request.path}", "not_found")
 
-    @app.exception(MethodNotAllowed)
+    @handles(MethodNotAllowed)
     async def _method(request, exc):
         return error_response(405, f"method {request.method} not allowed on {request.path}",
                               "method_not_allowed")
 
-    @app.exception(SanicException)
+    @handles(SanicException)
     async def _sanic(request, exc):
         status = getattr(exc, "status_code", 500) or 500
         return error_response(status, str(exc) or "request failed", "bad_request"
                               if status < 500 else "internal_error")
 
-    @app.exception(Exception)
+    @handles(Exception)
     async def _unexpected(request, exc):
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, f"internal gateway error: {type(exc).__name__}",

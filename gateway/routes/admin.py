@@ -9,9 +9,11 @@ from sanic.request import Request
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
+from gateway.logging_setup import tag_request_id
 from gateway.plugins import list_plugins
 
 admin = Blueprint("admin")
+admin.on_response(tag_request_id)
 
 
 @admin.get("/health")

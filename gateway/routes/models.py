@@ -17,9 +17,11 @@ from sanic.response import json as json_response
 
 from gateway.errors import error_response
 from gateway.lifecycle import ModelRuntime, StartFailed
+from gateway.logging_setup import tag_request_id
 from gateway.routes.guard import admin_refusal
 
 models_api = Blueprint("models_api")
+models_api.on_response(tag_request_id)
 KEEPALIVE_S = 15.0  # an SSE comment line this often keeps proxies from closing the stream
 DEFAULT_LOG_LINES, MAX_LOG_LINES = 100, 5000
 Action = Callable[[Request, ModelRuntime], Awaitable[HTTPResponse]]

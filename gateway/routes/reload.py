@@ -6,10 +6,12 @@ from sanic.request import Request
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
+from gateway.logging_setup import tag_request_id
 from gateway.reload import reloader
 from gateway.routes.guard import admin_refusal
 
 reload_api = Blueprint("reload_api")
+reload_api.on_response(tag_request_id)
 
 
 @reload_api.post("/gateway/reload")

@@ -18,7 +18,10 @@ from sanic.exceptions import NotFound
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
+from gateway.logging_setup import tag_request_id
+
 ui = Blueprint("ui")
+ui.on_response(tag_request_id)
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 # The only files served: a fixed map, so no request path ever reaches the file system.
