@@ -227,7 +227,7 @@ def _fake_request(ip: str, allow_remote: bool):
                                gateway=SimpleNamespace(settings=settings))))
 
 
-@pytest.mark.parametrize("ip", ["10.0.0.5", "192.168.1.20", "2001:db8::1", "", "garbage"])
+@pytest.mark.parametrize("ip", ["203.0.113.5", "198.51.100.20", "2001:db8::1", "", "garbage"])
 def test_admin_routes_refuse_non_loopback_clients(ip):
     refused = admin_refusal(_fake_request(ip, allow_remote=False))
     assert refused is not None and refused.status == 403
@@ -240,7 +240,7 @@ def test_admin_routes_answer_loopback_clients(ip):
 
 
 def test_allow_remote_opens_admin_routes():
-    assert admin_refusal(_fake_request("10.0.0.5", allow_remote=True)) is None
+    assert admin_refusal(_fake_request("203.0.113.5", allow_remote=True)) is None
 
 
 def test_every_admin_route_asks_the_guard_first(monkeypatch):
