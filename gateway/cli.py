@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from gateway.auth_config import exposure_problem
 from gateway.config import ConfigError, Settings, demo_settings, load_settings
 from gateway.plugins import PluginError
 
@@ -26,6 +27,9 @@ def _serve_settings(path: str | None, host: str | None, port: int | None) -> Set
         listen = settings.listen.model_copy(update={k: v for k, v in
                                                     (("host", host), ("port", port)) if v})
         settings = settings.model_copy(update={"listen": listen})
+        problem = exposure_problem(settings, "--host")
+        if problem:
+            raise ConfigError([problem])
     return settings
 
 

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.auth_config import Auth, Cors, resolve_keys
+
 # Absurd-value guards: generous, but they stop typos like an extra three zeros.
 MAX_CONCURRENT_CAP = 10_000
 MAX_QUEUE_CAP = 1_000_000
@@ -179,6 +181,10 @@ class ModelConfig(_Strict):
     preload: bool = False  # started in the background when the gateway starts
     sleep_mode: bool = False  # vLLM --enable-sleep-mode: evict by sleeping, wake in seconds
     sleep_level: int = Field(1, ge=1, le=2)
+    # Sent upstream as ``Authorization: Bearer`` (vLLM's --api-key); the client's own
+    # credentials are never forwarded.
+    upstream_api_key: str | None = Field(None, repr=False, min_length=1, max_length=512)
+    upstream_api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
     @field_validator("sleep_level")
     @classmethod
@@ -227,6 +233,8 @@ class Settings(_Strict):
     server_logs: ServerLogs = ServerLogs()
     admin: Admin = Admin()
     logging: LogSettings = LogSettings()
+    auth: Auth = Field(default_factory=Auth)
+    cors: Cors = Cors()
     # On SIGTERM/SIGINT: queued requests get 503 at once, in-flight ones may finish
     # within this many seconds, then streams still open end with an SSE error event.
     shutdown_grace_s: float = Field(30, ge=0, le=3600)
@@ -396,7 +404,7 @@ def _format_errors(err: ValidationError, source: str, env_keys: Mapping[str, str
         if e["type"] not in ("missing", "extra_forbidden") and "input" in e:
             got = e["input"]
             if not isinstance(got, (dict, list)):
-                if key.endswith("hf_token"):
+                if key.endswith(("hf_token", ".key", "upstream_api_key")):
                     got = "***"
                 msg = f"{msg} (got {got!r})"
         if e["type"] == "extra_forbidden":
@@ -515,6 +523,15 @@ def load_settings(path: str | os.PathLike[str] | None = None,
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(problems + _format_errors(exc, source, env_keys, raw), raw) from None
+    problems += resolve_keys(settings, source, environ)
+    for m in settings.models:
+        if m.upstream_api_key_env:
+            value = environ.get(m.upstream_api_key_env)
+            if not value:
+                problems.append(f"{source}: models[{m.name}].upstream_api_key_env: environment "
+                                f"variable {m.upstream_api_key_env} is not set")
+            elif m.upstream_api_key is None:
+                m.upstream_api_key = value
     if problems:
         raise ConfigError(problems, raw)
     return settings

@@ -322,7 +322,7 @@ class Fleet(Placement, OperatorRequests, Reconfiguration):
         assert self._health_client is not None
         try:
             resp = await self._health_client.get(server.url.rstrip("/") + "/is_sleeping",
-                                                 timeout=10, headers=_auth(server))
+                                                 timeout=10, headers=rt.auth_headers(server))
             value = resp.json().get("is_sleeping") if resp.status_code == 200 else None
         except (httpx.HTTPError, ValueError, AttributeError):
             return None
@@ -333,7 +333,7 @@ class Fleet(Placement, OperatorRequests, Reconfiguration):
         assert self._health_client is not None
         try:
             resp = await self._health_client.post(server.url.rstrip("/") + path, timeout=120,
-                                                  headers=_auth(server))
+                                                  headers=rt.auth_headers(server))
         except httpx.HTTPError as exc:
             raise StartFailed(f"model {rt.name!r}: POST {path} failed: {exc}") from None
         if resp.status_code >= 400:
@@ -443,9 +443,3 @@ class Fleet(Placement, OperatorRequests, Reconfiguration):
                 await self.stop_model(rt, "idle")
             elif check_crashes and rt.server and not await rt.driver.is_running(rt.cfg, rt.server):
                 await self.mark_crashed(rt)
-
-
-
-def _auth(server) -> dict[str, str]:
-    key = server.extra.get("api_key") if server is not None else None
-    return {"authorization": f"Bearer {key}"} if key else {}

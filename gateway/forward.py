@@ -23,9 +23,11 @@ from sanic.request import Request
 from sanic.response import HTTPResponse
 
 from gateway.errors import error_response, sse_error_event
+from gateway.keys import Tenant
 from gateway.rename import ModelRenamer
 from gateway.types import ReadOnlyJSON, RequestInfo, RetrySettings, UpstreamOutcome
 from gateway.upstream import (
+    CREDENTIAL_HEADERS,
     UpstreamFailure,
     UpstreamResponse,
     content_type,
@@ -84,6 +86,9 @@ class Exchange:
     renamer: ModelRenamer | None = None  # set when the upstream's name for it differs
     error_code: str = ""  # the gateway's own refusal, when one decides a fallback
     queue_wait_s: float = 0.0
+    strip_usage: bool = False  # the gateway asked for the stream's usage; the client did not
+    tenant: Tenant | None = None  # whose request (gateway/keys.py); None only in tests
+    answer_headers: dict[str, str] = field(default_factory=dict)  # rate limits, CORS
     _info: RequestInfo | None = None
 
     def reroute(self, runtime: ModelRuntime) -> None:
@@ -105,12 +110,16 @@ class Exchange:
             headers: dict[str, str] = {}
             for k, v in req.headers.items():
                 lk = k.lower()
+                if lk in CREDENTIAL_HEADERS:  # a plugin never sees a client's key
+                    continue
                 headers[lk] = f"{headers[lk]}, {v}" if lk in headers else v
             from types import MappingProxyType
             self._info = RequestInfo(model=self.runtime.name, path=self.path, method=req.method,
                                      headers=MappingProxyType(headers),
                                      body=ReadOnlyJSON(self.payload),
-                                     client_ip=req.remote_addr or req.ip, stream=self.stream)
+                                     client_ip=req.remote_addr or req.ip, stream=self.stream,
+                                     key=self.tenant.name if self.tenant else "",
+                                     priority=self.tenant.band_name if self.tenant else "")
         return self._info
 
 
@@ -205,7 +214,7 @@ class Forwarder:
                                       {"gen_ai.request.model": rt.name, "attempt": attempt,
                                        "server.address": url}, client=True):
                 self.tracing.inject(headers)  # the model server's parent is this attempt
-                if rt.auth:  # the server's key replaces whatever the client sent
+                if rt.auth:  # the server's own key (client credentials are never sent)
                     headers = {**headers, **rt.auth}
                 try:
                     upstream = await pool.request(ex.request.method, url, ex.path,
@@ -342,6 +351,11 @@ class Forwarder:
                     chunk = renamer.feed(chunk)
                     if not chunk:
                         continue
+                if ex.strip_usage and b'"choices":[]' in chunk:
+                    chunk, usage = _strip_usage_events(chunk)
+                    ex.usage = usage or ex.usage
+                    if not chunk:
+                        continue
                 recent.append(chunk)
                 await out.send(chunk)  # no await inside while the client keeps up
                 if b"data: [DONE]" in chunk:
@@ -389,6 +403,25 @@ def _usage(body: bytes) -> dict[str, Any]:
     except (ValueError, RecursionError):
         return {}
     return usage if isinstance(usage, dict) else {}
+
+
+def _strip_usage_events(chunk: bytes) -> tuple[bytes, dict[str, Any]]:
+    """Take whole usage-only events (``"choices":[]``, asked for by the gateway) out of a
+    piece of a stream, returning the rest and their usage. A part of an event cut at
+    either edge of the piece is never touched."""
+    usage: dict[str, Any] = {}
+    parts = chunk.split(b"\n\n")
+    kept: list[bytes] = []
+    last = len(parts) - 1
+    for i, part in enumerate(parts):
+        # Whole: not the piece's unterminated tail, and it starts an event itself.
+        whole = i < last and (i > 0 or part.startswith(b"data: {"))
+        if whole and part.startswith(b"data: {") and b'"choices":[]' in part \
+                and b'"usage"' in part:
+            usage = _usage(part[6:]) or usage
+            continue
+        kept.append(part)
+    return b"\n\n".join(kept), usage
 
 
 def _usage_from_sse(data: bytes) -> dict[str, Any]:

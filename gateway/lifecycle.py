@@ -79,6 +79,13 @@ class ModelRuntime:
         if changed and self._on_state is not None:
             self._on_state(self, reason)
 
+    def auth_headers(self, server: RunningServer | None) -> dict[str, str]:
+        """What the gateway sends the model server as its own credentials: the model's
+        ``upstream_api_key``, else the key its driver gave the server (docker's
+        VLLM_API_KEY); never a client's."""
+        key = self.cfg.upstream_api_key or (server.extra.get("api_key") if server else None)
+        return {"authorization": f"Bearer {key}"} if key else {}
+
     @property
     def manages_lifecycle(self) -> bool:
         return bool(getattr(self.driver, "manages_lifecycle", True))
@@ -91,8 +98,7 @@ class ModelRuntime:
     def mark_ready(self, server: RunningServer, start_seconds: float, reason: str = "") -> None:
         self.server = server
         self.urls = tuple(server.extra.get("urls") or [server.url])
-        key = server.extra.get("api_key")
-        self.auth = {"authorization": f"Bearer {key}"} if key else {}
+        self.auth = self.auth_headers(server)
         self.url_in_flight = {u: 0 for u in self.urls}
         up = self.settings.upstream
         self.pool = UpstreamPool(self.admission.max_concurrent, up.connect_timeout_s, up.timeout_s)
@@ -169,8 +175,7 @@ class ModelRuntime:
         deadline = time.monotonic() + timeout_s
         base = server.url.rstrip("/")
         path = "/health"
-        key = server.extra.get("api_key")
-        auth = {"authorization": f"Bearer {key}"} if key else {}
+        auth = self.auth_headers(server)
         while True:
             if not await self.driver.is_running(self.cfg, server):
                 code = await self.exit_code(server)

@@ -30,6 +30,9 @@ START_RESULTS = ("success", "failure", "adopted", "woken")
 STOP_REASONS = ("idle", "eviction", "crash", "shutdown", "failed_start", "unload", "removed")
 EVICTION_REASONS = ("vram", "max_models")
 RELOAD_RESULTS = ("success", "invalid", "error")
+KEY_REJECTIONS = ("invalid_api_key", "model_not_allowed", "rate_limit_requests",
+                  "rate_limit_tokens", "rate_limit_concurrency", "insufficient_quota",
+                  "queue_full")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,32 @@ class _StateCollector(Collector):
             mib = read()
             if mib is not None:
                 yield GaugeMetricFamily(name, doc, value=mib * MIB)
+
+
+class _KeyCollector(Collector):
+    """Per-key gauges read from tenancy's status at scrape time."""
+
+    GAUGES = (("gateway_key_active", "Requests of the key in the gateway (queued or in flight).",
+               "active"),
+              ("gateway_key_in_flight", "Requests of the key holding a model slot.", "in_flight"),
+              ("gateway_key_tokens_today", "Tokens the key used today (UTC), against its budget.",
+               "tokens_today"),
+              ("gateway_key_budget_tokens", "The key's daily token budget (tokens_per_day).",
+               "tokens_per_day"),
+              ("gateway_key_tpm_remaining", "Tokens left in the key's per-minute limit.",
+               "tpm_left"))
+
+    def __init__(self, rows: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self._rows = rows
+
+    def collect(self):
+        rows = self._rows()
+        for name, doc, field in self.GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["key"])
+            for key, row in rows.items():
+                if row.get(field) is not None:
+                    family.add_metric([key], float(row[field]))
+            yield family
 
 
 # (name, help, value from a ModelGauges row): each read from its owner at scrape time.
@@ -175,6 +204,17 @@ class GatewayMetrics:
                                          registry=r)
         self.plugin_errors = Counter("gateway_plugin_errors", "Hook implementations that raised.",
                                      ["hook", "plugin"], registry=r)
+        # Per API key: label ``key`` holds configured key names only ("" = no valid key).
+        self.key_requests = Counter("gateway_key_requests", "Requests answered, per API key.",
+                                    ["key", "code"], registry=r)
+        self.key_tokens = Counter("gateway_key_tokens", "Tokens used per API key (from usage).",
+                                  ["key", "type"], registry=r)
+        self.key_rejections = Counter("gateway_key_rejections",
+                                      "Requests refused on a key's account, by reason.",
+                                      ["key", "reason"], registry=r)
+        self.key_queue_wait = Histogram("gateway_key_queue_wait_seconds",
+                                        "Time a key's requests waited for a slot.", ["key"],
+                                        buckets=LATENCY_BUCKETS, registry=r)
         self.config_reloads = Counter("gateway_config_reloads",
                                       "Config reloads (SIGHUP, POST /gateway/reload) by result.",
                                       ["result"], registry=r)
@@ -198,6 +238,17 @@ class GatewayMetrics:
         for kind in ("input", "output"):
             self.tokens.labels(model, kind)
         self.stream_errors.labels(model)
+
+    def init_keys(self, names: Iterable[str]) -> None:
+        """Per-key series born at 0 (names come from config, so they are bounded)."""
+        for key in ("", *names):
+            for reason in KEY_REJECTIONS:
+                self.key_rejections.labels(key, reason)
+            for kind in ("input", "output"):
+                self.key_tokens.labels(key, kind)
+
+    def attach_keys(self, rows: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self.registry.register(_KeyCollector(rows))
 
     def attach_state(self, rows: Callable[[], Iterable[ModelGauges]],
                      vram_total_mib: Callable[[], int | None],

@@ -9,12 +9,14 @@ import asyncio
 import json
 import logging
 import time
+from typing import Any
 
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
-from gateway.admission import QueueFull, QueueTimeout, ShuttingDown
+from gateway.admission import KeyBusy, QueueFull, QueueTimeout, ShuttingDown
 from gateway.config import Settings
+from gateway.cors import CorsPolicy
 from gateway.errors import error_response
 from gateway.fleet import Fleet
 from gateway.forward import Exchange, Forwarder
@@ -24,7 +26,9 @@ from gateway.logging_setup import REQUEST_ID, request_id
 from gateway.metrics import REJECTION_REASONS, GatewayMetrics
 from gateway.paths import PathPolicy
 from gateway.plugins import HookRunner, PluginError
+from gateway.ratelimit import Refusal
 from gateway.rename import ModelRenamer
+from gateway.tenancy import Tenancy
 from gateway.tracing import Tracing
 from gateway.types import Rejection, RequestInfo
 
@@ -47,6 +51,10 @@ class Gateway:
         self.tracing = tracing
         self.forwarder = Forwarder(settings, hooks, fleet, metrics, tracing)
         self.reader = RequestReader(settings.limits, PathPolicy(settings.upstream.extra_paths))
+        self.tenancy = Tenancy(settings.auth)
+        self.cors = CorsPolicy(settings.cors)
+        metrics.init_keys(self.tenancy.names)
+        metrics.attach_keys(self.tenancy.status)
         self.active: set[Exchange] = set()  # admitted exchanges, for the shutdown deadline
         self.draining = False
         self._admission_hooks = hooks.has_impls("admit_request")
@@ -59,23 +67,36 @@ class Gateway:
         """One proxied request; its id is in every log line about it and on its answer."""
         rid = request_id(request.headers.get("x-request-id"))
         token = REQUEST_ID.set(rid)  # reset after: a keep-alive connection shares one task
+        answer_headers = self.cors.headers(request)  # grows by the rate-limit headers
         try:
-            response = await self._handle(request, rid)
+            response = await self._handle(request, rid, answer_headers)
         finally:
             REQUEST_ID.reset(token)
         if response is not None:
             response.headers["X-Request-ID"] = rid
+            if answer_headers:
+                response.headers.update(answer_headers)
         return response
 
-    async def _handle(self, request: Request, rid: str) -> HTTPResponse | None:
+    async def _handle(self, request: Request, rid: str,
+                      answer_headers: dict[str, str]) -> HTTPResponse | None:
         started = time.perf_counter()
         endpoint, model_label, status = "other", "", 500
-        intake = ex = None
+        intake = ex = grant = None
+        key_label = ""
         try:
             if self.draining:
                 status = 503
                 self.metrics.rejections.labels("", "shutting_down").inc()
                 return self.shutting_down()
+            identity = self.tenancy.identify(request.headers)
+            tenant = identity.tenant
+            if tenant is None:  # before the body is read: a stranger costs nothing more
+                status = 401
+                self.metrics.rejections.labels("", "auth").inc()
+                self.metrics.key_rejections.labels("", "invalid_api_key").inc()
+                return self.tenancy.unauthorized(identity)
+            key_label = tenant.name
             intake = await self.reader.read(request)
             if isinstance(intake, HTTPResponse):
                 status = intake.status
@@ -87,16 +108,29 @@ class Gateway:
             if rt is None:
                 status = 404
                 self.metrics.rejections.labels("", "unknown_model").inc()
+                visible = [n for n in self.fleet.runtimes if tenant.may_use(n)]
                 return error_response(404, f"The model `{intake.model}` does not exist. "
-                                      f"Available: {', '.join(self.fleet.runtimes)}",
-                                      "model_not_found")
+                                      f"Available: {', '.join(visible)}", "model_not_found")
+            if not tenant.may_use(rt.name):
+                status = 403
+                self._count_key_rejection(rt.name, key_label, "model_not_allowed")
+                return self.tenancy.not_allowed(tenant, intake.model)
+            grant = self.tenancy.acquire(tenant, intake.payload, len(intake.body))
+            if isinstance(grant, Refusal):
+                status = 429
+                self._count_key_rejection(rt.name, key_label, grant.code)
+                refused, grant = grant, None
+                return self.tenancy.refused(refused, self.queue_headers(rt))
+            if grant is not None:
+                answer_headers.update(grant.headers)
             ex = Exchange(request, rt, intake.path, intake.payload, intake.body, intake.stream,
-                          started, request_id=rid, shown_model=intake.model)
+                          started, request_id=rid, shown_model=intake.model, tenant=tenant,
+                          answer_headers=answer_headers)
             with self.tracing.request_span("gateway.request", request.headers, {
                     "gen_ai.operation.name": _operation(endpoint),
                     "gen_ai.request.model": intake.model, "http.request.method": request.method,
                     "url.path": intake.path, "gen_ai.system": "vllm",
-                    "gateway.request_id": rid}):
+                    "gateway.request_id": rid, "gateway.key": key_label}):
                 response, status = await self._serve_or_fall_back(ex)
                 self.tracing.set_attributes({"http.response.status_code": status})
                 return response
@@ -108,12 +142,15 @@ class Gateway:
             self.reader.release(intake)
             if ex is not None:
                 model_label = ex.runtime.name  # the model that answered (X-Gateway-Model)
+                self.tenancy.settle(grant, ex.usage, served=ex.upstream is not None and (
+                    bool(ex.usage) or ex.status < 400))
             elapsed = time.perf_counter() - started
             self.metrics.child(self.metrics.requests, model_label, endpoint, str(status)).inc()
+            self.metrics.child(self.metrics.key_requests, key_label, str(status)).inc()
             self.metrics.child(self.metrics.request_duration, model_label, endpoint).observe(
                 elapsed)
             if self._access_log and access_log.isEnabledFor(logging.INFO):
-                _log_access(request, intake, model_label, status, elapsed, ex)
+                _log_access(request, intake, model_label, status, elapsed, ex, key_label)
 
     async def _serve_or_fall_back(self, ex: Exchange) -> tuple[HTTPResponse | None, int]:
         """Serve the model asked for; if the gateway finds it unavailable (or its queue
@@ -130,6 +167,8 @@ class Gateway:
         for name in first.cfg.fallbacks:
             fallback = self.fleet.runtimes.get(name)
             if fallback is None:  # validated at load; a reload may have removed it
+                continue
+            if ex.tenant is not None and not ex.tenant.may_use(name):
                 continue
             log.info("model %s %s: trying fallback %s", first.name, reason, name)
             ex.reroute(fallback)
@@ -151,27 +190,51 @@ class Gateway:
             if rejected is not None:
                 return rejected, rejected.status
         upstream_name = rt.served_model_name or rt.name
+        changes: dict[str, Any] = {}
         if payload.get("model") != upstream_name:  # an alias, a served name, a fallback
-            ex.body = json.dumps({**payload, "model": upstream_name}).encode()
+            changes["model"] = upstream_name
+        if ex.stream and ex.tenant is not None and ex.tenant.counts_tokens \
+                and not _wants_usage(payload):
+            # Token limits need the stream's usage: ask for it, and keep it from the client.
+            changes["stream_options"] = {**(payload.get("stream_options") or {}),
+                                         "include_usage": True}
+            ex.strip_usage = True
+        if changes:
+            ex.body = json.dumps({**payload, **changes}).encode()
         if upstream_name != ex.shown_model:
             ex.renamer = ModelRenamer(upstream_name, ex.shown_model)
         ex.task = asyncio.current_task()
         self.active.add(ex)
+        tenant = ex.tenant
         try:
-            async with rt.admission.slot() as waited:
+            async with rt.admission.slot(tenant, self.tenancy.load(tenant) if tenant else None
+                                         ) as waited:
                 self.metrics.child(self.metrics.queue_wait, rt.name).observe(waited)
+                if tenant is not None:
+                    self.metrics.child(self.metrics.key_queue_wait, tenant.name).observe(waited)
                 self.tracing.event("gateway.queue_wait", {"wait_s": waited})
                 ex.queue_wait_s += waited
                 ex.extra_headers = self.queue_headers(rt)
                 ex.extra_headers["X-Gateway-Model"] = rt.name
                 ex.extra_headers["X-Request-ID"] = ex.request_id
+                if ex.answer_headers:
+                    ex.extra_headers.update(ex.answer_headers)
                 ex.holds_slot = True
                 response = await self._forward(ex)
                 return response, ex.status
-        except QueueFull:
+        except QueueFull as exc:
             ex.error_code = "queue_full"
+            self._count_key_rejection(None, tenant.name if tenant else "", "queue_full")
             return self._reject(rt, 429, "queue_full", f"model {rt.name!r} queue is full "
-                                f"({rt.admission.max_queue} waiting); retry later"), 429
+                                f"({exc.why}); retry later"), 429
+        except KeyBusy:
+            assert tenant is not None
+            self._count_key_rejection(rt.name, tenant.name, "rate_limit_concurrency")
+            headers = self.queue_headers(rt)
+            headers["Retry-After"] = "1"
+            return error_response(429, f"key {tenant.name!r} already has its "
+                                  f"{tenant.max_concurrent} requests in flight (max_concurrent)",
+                                  "rate_limit_concurrency", headers), 429
         except QueueTimeout:
             return self._reject(rt, 429, "queue_timeout", f"model {rt.name!r}: no free slot "
                                 f"within {rt.admission.queue_timeout_s:g}s"), 429
@@ -257,6 +320,14 @@ class Gateway:
         self.metrics.rejections.labels(rt.name, reason).inc()
         return error_response(rejection.status, rejection.message, rejection.code, headers)
 
+    def _count_key_rejection(self, model: str | None, key: str, code: str) -> None:
+        """A refusal on the key's account; ``model`` also counts it in the model's own
+        rejections (as ``rate_limit`` or ``auth``), unless the caller does that itself."""
+        self.metrics.key_rejections.labels(key, code).inc()
+        if model is not None:
+            self.metrics.rejections.labels(model, "auth" if code == "model_not_allowed"
+                                           else "rate_limit").inc()
+
     def _reject(self, rt: ModelRuntime, status: int, reason: str, message: str) -> HTTPResponse:
         self.metrics.rejections.labels(rt.name, reason).inc()
         headers = self.queue_headers(rt)
@@ -278,10 +349,12 @@ class Gateway:
         if not usage:
             return
         name = ex.runtime.name
-        for key, kind in (("prompt_tokens", "input"), ("completion_tokens", "output")):
-            value = usage.get(key)
+        key = ex.tenant.name if ex.tenant is not None else ""
+        for field, kind in (("prompt_tokens", "input"), ("completion_tokens", "output")):
+            value = usage.get(field)
             if isinstance(value, int) and value > 0:
                 self.metrics.child(self.metrics.tokens, name, kind).inc(value)
+                self.metrics.child(self.metrics.key_tokens, key, kind).inc(value)
         self.tracing.set_attributes({"gen_ai.usage.input_tokens": usage.get("prompt_tokens") or 0,
                                      "gen_ai.usage.output_tokens": usage.get("completion_tokens") or 0})
 
@@ -294,16 +367,16 @@ def _stamped(response: HTTPResponse | None, rt: ModelRuntime) -> HTTPResponse | 
 
 
 def _log_access(request: Request, intake: Intake | HTTPResponse | None, model: str, status: int,
-                elapsed: float, ex: Exchange | None) -> None:
+                elapsed: float, ex: Exchange | None, key: str) -> None:
     """One line per proxied request; called only when the access logger is enabled."""
     path = intake.path if isinstance(intake, Intake) else _loggable(request.path)
     wait_ms = round(ex.queue_wait_s * 1000, 1) if ex is not None else 0.0
     duration_ms = round(elapsed * 1000, 1)
-    access_log.info("%s %s %d model=%s duration_ms=%.1f queue_ms=%.1f request_id=%s",
-                    request.method, path, status, model or "-", duration_ms, wait_ms,
+    access_log.info("%s %s %d model=%s key=%s duration_ms=%.1f queue_ms=%.1f request_id=%s",
+                    request.method, path, status, model or "-", key or "-", duration_ms, wait_ms,
                     REQUEST_ID.get(),
                     extra={"access": {"method": request.method, "path": path, "model": model,
-                                      "status": status, "duration_ms": duration_ms,
+                                      "key": key, "status": status, "duration_ms": duration_ms,
                                       "queue_ms": wait_ms}})
 
 
@@ -311,6 +384,11 @@ def _loggable(text: str) -> str:
     """A client-sent string made safe for a log line: printable ASCII, bounded."""
     text = text[:200]
     return text if text.isascii() and text.isprintable() else ascii(text)[1:-1]
+
+
+def _wants_usage(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _operation(endpoint: str) -> str:

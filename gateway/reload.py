@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from sanic import Sanic
 
 from gateway.config import ConfigError, ModelConfig, Settings, salvage
+from gateway.cors import CorsPolicy
 from gateway.drivers import check_models, configure_drivers
 from gateway.types import RetrySettings
 
@@ -190,6 +191,9 @@ def _install(app: Sanic, gw: Any, settings: Settings, added: dict[str, Any]) -> 
     fleet.reconfigure(settings, added)
     for name in added:
         gw.metrics.init_model(name)
+    gw.tenancy.reconfigure(settings.auth)  # keys re-read (keys_file too); usage kept by name
+    gw.metrics.init_keys(gw.tenancy.names)
+    gw.cors = CorsPolicy(settings.cors)
 
 
 class Reloader:

@@ -93,6 +93,8 @@ class RequestInfo:
     body: Mapping[str, Any]
     client_ip: str = ""
     stream: bool = False
+    key: str = ""  # the API key's name (auth.keys[].name; "anonymous" without keys)
+    priority: str = ""  # the key's priority band
 
 
 @dataclass(frozen=True)

@@ -168,15 +168,20 @@ class UpstreamPool:
         await self._session.close()
 
 
+# A client's credentials for the gateway; never forwarded to a model server.
+CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})
+
+
 def forward_request_headers(headers: Any) -> dict[str, str]:
     """Client headers to send upstream: end-to-end ones only (RFC 9110 7.6.1), including
-    dropping every header the client's Connection header names. Repeats are joined."""
+    dropping every header the client's Connection header names, and never the client's
+    credentials (the model's own key is sent instead). Repeats are joined."""
     named = _connection_named(headers.getall("connection", []) if hasattr(headers, "getall")
                               else [headers.get("connection", "")])
     out: dict[str, str] = {}
     for k, v in headers.items():
         lk = k.lower()
-        if lk in HOP_BY_HOP or lk in named:
+        if lk in HOP_BY_HOP or lk in named or lk in CREDENTIAL_HEADERS:
             continue
         out[lk] = f"{out[lk]}, {v}" if lk in out else v
     return out

@@ -26,6 +26,7 @@ from gateway.events import EventBus
 from gateway.lifecycle import ModelRuntime
 from gateway.retry_after import DrainRate, retry_after_s
 from gateway.routes.guard import admin_refusal
+from gateway.tenancy import Tenancy
 
 pytestmark = pytest.mark.timeout(120)
 CHAT = [{"role": "user", "content": "hi"}]
@@ -224,7 +225,8 @@ def _fake_request(ip: str, allow_remote: bool):
     settings = load_settings(raw={"admin": {"allow_remote": allow_remote}}, environ={})
     return SimpleNamespace(ip=ip, method="POST", headers={}, scheme="http", host="gw",
                            app=SimpleNamespace(ctx=SimpleNamespace(
-                               gateway=SimpleNamespace(settings=settings))))
+                               gateway=SimpleNamespace(settings=settings,
+                                                       tenancy=Tenancy(settings.auth)))))
 
 
 @pytest.mark.parametrize("ip", ["203.0.113.5", "198.51.100.20", "2001:db8::1", "", "garbage"])

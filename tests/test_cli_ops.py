@@ -93,6 +93,7 @@ def test_url_defaults_to_the_configs_listen_address(gw, tmp_path):
     cfg = tmp_path / "gw.yaml"
     model = {"name": "m", "backend": "static", "url": "http://127.0.0.1:9"}
     cfg.write_text(yaml.safe_dump({"listen": {"host": "0.0.0.0", "port": gw.port},
+                                   "auth": {"allow_anonymous": True},
                                    "models": [model]}))
     ps = cli("ps", "--config", str(cfg))
     assert ps.returncode == 0, ps.stderr

@@ -411,7 +411,7 @@ def test_access_log_line_per_request(gw):
                  and "request_id=acc-" in ln]
         return found if len(found) == 2 else None
     ok, missing = wait_until(lines, 5, what="two access lines")
-    assert "POST /v1/chat/completions 200 model=chat duration_ms=" in ok
+    assert "POST /v1/chat/completions 200 model=chat key=anonymous duration_ms=" in ok
     assert "queue_ms=" in ok and ok.endswith("request_id=acc-1")
     assert "POST /v1/chat/completions 404 model=- " in missing
 

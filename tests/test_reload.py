@@ -140,7 +140,8 @@ def test_sighup_adds_a_model_and_reports_what_needs_a_restart(tmp_path, sim):
     with start_gateway(cfg, tmp_path) as gw:
         with start_simulator("n", ttft_ms=0, itl_ms=0) as sim_n:
             assert chat(gw, "n").status_code == 404
-            rewrite(gw, {"listen": {"host": "0.0.0.0"}, "upstream": UPSTREAM,
+            rewrite(gw, {"listen": {"host": "0.0.0.0"}, "auth": {"allow_anonymous": True},
+                         "upstream": UPSTREAM,
                          "plugins": {"modules": ["not_loaded_until_restart"]},
                          "models": [static("m", sim), static("n", sim_n)]})
             gw.proc.send_signal(signal.SIGHUP)

@@ -11,6 +11,7 @@ from sanic.response import json as json_response
 
 from gateway.logging_setup import tag_request_id
 from gateway.plugins import list_plugins
+from gateway.routes.guard import is_admin, read_refusal
 
 admin = Blueprint("admin")
 admin.on_response(tag_request_id)
@@ -36,8 +37,20 @@ async def ready(request: Request) -> HTTPResponse:
 
 @admin.get("/gateway/status")
 async def status(request: Request) -> HTTPResponse:
-    fleet = request.app.ctx.gateway.fleet
+    """Models, totals and keys. Without an admin key (once keys exist) upstream URLs and
+    the internals of errors are left out: they are for operators."""
+    refused = read_refusal(request, "status")
+    if refused is not None:
+        return refused
+    gw = request.app.ctx.gateway
+    fleet = gw.fleet
     models = {name: rt.status() for name, rt in fleet.runtimes.items()}
+    operator = is_admin(request)
+    if not operator:
+        for m in models.values():
+            m["urls"] = []
+            if m.get("last_error"):
+                m["last_error"] = "failed (details for operators: an admin key)"
     totals = {
         "models": len(models),
         "running": sum(1 for m in models.values() if m["state"] == "ready"),
@@ -47,18 +60,28 @@ async def status(request: Request) -> HTTPResponse:
         "vram_reserved_mib": sum(m["vram_mib"] for m in models.values()),
         "event_subscribers": fleet.events.subscribers,
     }
-    return json_response({"models": models, "totals": totals})
+    body = {"models": models, "totals": totals}
+    if operator:
+        body["keys"] = gw.tenancy.status()
+    return json_response(body)
 
 
 @admin.get("/metrics")
 async def metrics(request: Request) -> HTTPResponse:
+    refused = read_refusal(request, "metrics")
+    if refused is not None:
+        return refused
     registry = request.app.ctx.gateway.metrics.registry
     return HTTPResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 
 @admin.get("/gateway/sd")
 async def service_discovery(request: Request) -> HTTPResponse:
-    """Prometheus HTTP SD: every running model server's /metrics, labelled."""
+    """Prometheus HTTP SD: every running model server's /metrics, labelled. It names
+    upstream addresses, so once keys exist it answers admin keys only."""
+    if request.app.ctx.gateway.tenancy.enabled and not is_admin(request):
+        return request.app.ctx.gateway.tenancy.unauthorized(
+            request.app.ctx.gateway.tenancy.identify(request.headers))
     fleet = request.app.ctx.gateway.fleet
     groups = []
     for name, rt in fleet.runtimes.items():
@@ -73,6 +96,9 @@ async def service_discovery(request: Request) -> HTTPResponse:
 
 @admin.get("/gateway/plugins")
 async def plugins(request: Request) -> HTTPResponse:
+    refused = read_refusal(request, "status")
+    if refused is not None:
+        return refused
     pm = request.app.ctx.gateway.hooks.pm
     return json_response([{"name": p.name, "origin": p.origin, "hooks": list(p.hooks)}
                           for p in list_plugins(pm)])

@@ -1,6 +1,8 @@
-"""Who may call the admin routes: until API keys exist (the tenancy work), only clients
-on loopback, unless ``admin.allow_remote: true``. One function, so an admin key can
-gate every admin route later in one place."""
+"""Who may call the admin routes, in one place.
+
+Once any API key is configured (``auth.keys`` or ``auth.admin_keys``), an admin key is
+required, from anywhere. Without keys, only clients on loopback, unless
+``admin.allow_remote: true``. Either way a browser's cross-site call is refused."""
 from __future__ import annotations
 
 import ipaddress
@@ -23,7 +25,18 @@ def admin_refusal(request: Request) -> HTTPResponse | None:
     if cross:
         return error_response(403, f"cross-site admin request refused ({cross})",
                               "admin_forbidden")
-    settings = request.app.ctx.gateway.settings
+    gw = request.app.ctx.gateway
+    if gw.tenancy.enabled:
+        identity = gw.tenancy.identify(request.headers)
+        if identity.admin is not None:
+            return None
+        if not identity.presented or identity.tenant is None:
+            return gw.tenancy.unauthorized(identity) if gw.settings.auth.admin_keys else \
+                error_response(403, "admin routes need an admin key and none is configured "
+                               "(auth.admin_keys)", "admin_forbidden")
+        return error_response(403, f"key {identity.tenant.name!r} is not an admin key",
+                              "admin_forbidden")
+    settings = gw.settings
     if settings.admin.allow_remote:
         return None
     try:
@@ -50,3 +63,24 @@ def _cross_site(request: Request) -> str:
     elif origin == "null":
         return "Origin: null"
     return ""
+
+
+def read_refusal(request: Request, what: str) -> HTTPResponse | None:
+    """None when ``what`` (a read endpoint named in ``auth.protect``) may be read: any
+    valid key, client or admin, when it is protected; anyone otherwise."""
+    tenancy = request.app.ctx.gateway.tenancy
+    if what not in tenancy.keyring.protect:
+        return None
+    identity = tenancy.identify(request.headers)
+    if identity.presented and (identity.tenant is not None or identity.admin is not None):
+        return None
+    return tenancy.unauthorized(identity)
+
+
+def is_admin(request: Request) -> bool:
+    """Whether the caller may see internals (upstream URLs, errors): an admin key, or,
+    with no keys configured, whoever may call the admin routes."""
+    tenancy = request.app.ctx.gateway.tenancy
+    if tenancy.enabled:
+        return tenancy.is_admin(request.headers)
+    return admin_refusal(request) is None

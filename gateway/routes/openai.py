@@ -15,6 +15,7 @@ from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
 from gateway.errors import error_response
+from gateway.keys import Tenant
 from gateway.lifecycle import ModelRuntime
 from gateway.logging_setup import request_id
 
@@ -29,6 +30,16 @@ async def proxy_v1(request: Request, path: str) -> HTTPResponse | None:
 @openai_api.post("/<name:tokenize|detokenize|score|rerank|pooling|classify>", stream=True)
 async def proxy_root(request: Request, name: str) -> HTTPResponse | None:
     return await request.app.ctx.gateway.handle(request)
+
+
+@openai_api.options("/v1/<path:path>")
+async def preflight_v1(request: Request, path: str) -> HTTPResponse:
+    return request.app.ctx.gateway.cors.preflight(request)
+
+
+@openai_api.options("/<name:tokenize|detokenize|score|rerank|pooling|classify>")
+async def preflight_root(request: Request, name: str) -> HTTPResponse:
+    return request.app.ctx.gateway.cors.preflight(request)
 
 
 def add_extra_routes(app: Sanic, paths: list[str]) -> None:
@@ -50,11 +61,26 @@ def model_object(model_id: str, rt: ModelRuntime) -> dict[str, Any]:
     return obj
 
 
+def _caller(request: Request) -> tuple[Tenant | None, HTTPResponse | None]:
+    """The key calling a read route, or the 401 to send (``auth.protect: [models]``
+    makes even an anonymous-allowed gateway require a key here)."""
+    tenancy = request.app.ctx.gateway.tenancy
+    identity = tenancy.identify(request.headers)
+    if identity.tenant is None or ("models" in tenancy.keyring.protect
+                                   and not identity.presented):
+        return None, tenancy.unauthorized(identity)
+    return identity.tenant, None
+
+
 @openai_api.get("/v1/models")
 async def list_models(request: Request) -> HTTPResponse:
+    """The models this key may use (each alias an entry of its own)."""
+    tenant, refused = _caller(request)
+    if refused is not None:
+        return _with_id(request, refused)
     fleet = request.app.ctx.gateway.fleet
     data = [model_object(model_id, rt) for rt in fleet.runtimes.values()
-            for model_id in (rt.name, *rt.cfg.aliases)]
+            if tenant.may_use(rt.name) for model_id in (rt.name, *rt.cfg.aliases)]
     return _with_id(request, json_response({"object": "list", "data": data}))
 
 
@@ -62,9 +88,12 @@ async def list_models(request: Request) -> HTTPResponse:
 async def retrieve_model(request: Request, model_id: str) -> HTTPResponse:
     """``GET /v1/models/{id}``; ids may hold ``/``, sent as is or as ``%2F`` (the openai
     client's spelling). Model names never contain ``%``, so decoding is unambiguous."""
+    tenant, refused = _caller(request)
+    if refused is not None:
+        return _with_id(request, refused)
     model_id = unquote(model_id)
     rt = request.app.ctx.gateway.fleet.get(model_id)
-    if rt is None:
+    if rt is None or not tenant.may_use(rt.name):  # a model it may not use: not there
         return _with_id(request, error_response(
             404, f"The model `{model_id[:200]}` does not exist.", "model_not_found"))
     return _with_id(request, json_response(model_object(model_id, rt)))
@@ -72,4 +101,5 @@ async def retrieve_model(request: Request, model_id: str) -> HTTPResponse:
 
 def _with_id(request: Request, response: HTTPResponse) -> HTTPResponse:
     response.headers["X-Request-ID"] = request_id(request.headers.get("x-request-id"))
+    response.headers.update(request.app.ctx.gateway.cors.headers(request))
     return response
