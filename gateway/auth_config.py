@@ -13,15 +13,22 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 log = logging.getLogger("vllm_gateway.config")
 KeyName = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:@+-]+$")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-PROTECTABLE = ("status", "metrics", "models")
 DEFAULT_BANDS = [{"name": "interactive", "queue_share": 1.0},
                  {"name": "batch", "queue_share": 0.5}]
 
@@ -93,7 +100,7 @@ class Auth(_Strict):
     admin_keys: list[AdminKeyConfig] = []
     keys_file: str | None = None
     allow_anonymous: bool = False
-    protect: list[str] = []  # read endpoints that need a key: status, metrics, models
+    protect: list[Literal["status", "metrics", "models"]] = []  # read endpoints needing a key
     # Highest first. A key's ``priority`` names one; waiters of a higher band go first.
     priorities: list[PriorityBand] = Field(
         default_factory=lambda: [PriorityBand(**b) for b in DEFAULT_BANDS])
@@ -101,9 +108,6 @@ class Auth(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Auth:
-        bad = [p for p in self.protect if p not in PROTECTABLE]
-        if bad:
-            raise ValueError(f"protect: {bad[0]!r} is not one of {', '.join(PROTECTABLE)}")
         bands = [b.name for b in self.priorities]
         if not bands:
             raise ValueError("priorities: must list at least one band")
@@ -136,13 +140,13 @@ class Cors(_Strict):
                                  "x-ratelimit-reset-tokens"]
     max_age_s: int = Field(600, ge=0, le=86_400)
 
-    @model_validator(mode="after")
-    def _origins(self) -> Cors:
-        for origin in self.allow_origins:
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
             if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
-                raise ValueError(f"allow_origins: {origin!r} must be \"*\" or scheme://host[:port] "
-                                 "with no path")
-        return self
+                raise ValueError(f"{origin!r} must be \"*\" or scheme://host[:port] with no path")
+        return v
 
 
 def resolve_keys(settings: Any, source: str, environ: Mapping[str, str]) -> list[str]:

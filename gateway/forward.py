@@ -86,6 +86,7 @@ class Exchange:
     renamer: ModelRenamer | None = None  # set when the upstream's name for it differs
     error_code: str = ""  # the gateway's own refusal, when one decides a fallback
     queue_wait_s: float = 0.0
+    reached_upstream: bool = False  # a model server got (or may have got) the request
     strip_usage: bool = False  # the gateway asked for the stream's usage; the client did not
     tenant: Tenant | None = None  # whose request (gateway/keys.py); None only in tests
     answer_headers: dict[str, str] = field(default_factory=dict)  # rate limits, CORS
@@ -221,11 +222,13 @@ class Forwarder:
                                                   content=ex.body, headers=headers,
                                                   query=ex.request.query_string)
                 except UpstreamFailure as failure:
+                    ex.reached_upstream = ex.reached_upstream or failure.sent
                     self._count(ex, failure, attempt)
                     raise _Retry(UpstreamOutcome(rt.name, attempt, failure.kind,
                                                  error=failure.detail, sent=failure.sent),
                                  failure) from None
                 ex.upstream = upstream
+                ex.reached_upstream = True
                 status = upstream.status
                 if status >= 500 or status == 429:
                     kind = "http_429" if status == 429 else "http_5xx"

@@ -142,8 +142,8 @@ class Gateway:
             self.reader.release(intake)
             if ex is not None:
                 model_label = ex.runtime.name  # the model that answered (X-Gateway-Model)
-                self.tenancy.settle(grant, ex.usage, served=ex.upstream is not None and (
-                    bool(ex.usage) or ex.status < 400))
+                self.tenancy.settle(grant, ex.usage, sent=ex.reached_upstream,
+                                    answered=ex.status < 400)
             elapsed = time.perf_counter() - started
             self.metrics.child(self.metrics.requests, model_label, endpoint, str(status)).inc()
             self.metrics.child(self.metrics.key_requests, key_label, str(status)).inc()

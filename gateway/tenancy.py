@@ -87,7 +87,10 @@ class Tenancy:
             return None
         return self.store.acquire(tenant, estimate_tokens(payload, body_bytes))
 
-    def settle(self, grant: Grant | None, usage: Mapping[str, Any] | None, served: bool) -> None:
+    def settle(self, grant: Grant | None, usage: Mapping[str, Any] | None, sent: bool,
+               answered: bool) -> None:
+        """A request ended: charge what its usage says; without usage, its estimate if
+        it was answered, nothing if it failed; a request never sent is refunded whole."""
         if grant is None:
             return
         used = None
@@ -98,7 +101,9 @@ class Tenancy:
                 total = sum(p for p in parts if isinstance(p, int)) if any(
                     isinstance(p, int) for p in parts) else None
             used = total if isinstance(total, int) and total >= 0 else None
-        self.store.settle(grant, used, served)
+        if used is None and not answered:
+            used = 0
+        self.store.settle(grant, used, sent)
 
     @staticmethod
     def refused(refusal: Refusal, extra: Mapping[str, str]) -> HTTPResponse:

@@ -107,6 +107,7 @@ class SimState:
         self.awake = asyncio.Event()  # cleared while asleep: generation waits for it
         self.awake.set()
         self.running = self.waiting = self.requests_total = self.cancelled_total = 0
+        self.unauthorized_total = 0
         reg = self.registry = CollectorRegistry()
         lbl = {"model_name": name}
         for metric, doc, fn in (
@@ -270,8 +271,10 @@ async def _stream(request: Request, sim: SimState, p: dict, chat: bool, rid: str
 def build_app(served_model_name: str, ttft_ms: float = 20, itl_ms: float = 5,
               max_num_seqs: int = 256, app_name: str | None = None,
               enable_sleep_mode: bool = False, runner: str = "generate",
-              merge_every: int = 4) -> Sanic:
-    """Build a simulator app serving ``served_model_name`` (unique Sanic name per call)."""
+              merge_every: int = 4, api_key: str | None = None) -> Sanic:
+    """Build a simulator app serving ``served_model_name`` (unique Sanic name per call).
+    With ``api_key`` every ``/v1`` route needs ``Authorization: Bearer <api_key>``
+    (vLLM's --api-key), else 401 ``{"error": "Unauthorized"}``, as vLLM answers."""
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
     app = Sanic(app_name or f"sim_{uuid.uuid4().hex}")
@@ -286,6 +289,10 @@ def build_app(served_model_name: str, ttft_ms: float = 20, itl_ms: float = 5,
     async def _faults(request: Request):
         if request.method == "POST":
             sim.requests_total += 1
+        if api_key is not None and request.path.startswith("/v1") and \
+                request.headers.get("authorization") != f"Bearer {api_key}":
+            sim.unauthorized_total += 1
+            return _json({"error": "Unauthorized"}, status=401)
         delay = st.header_number(request.headers, "x-sim-delay-ms")
         if delay:
             await asyncio.sleep(delay / 1000)
@@ -347,7 +354,8 @@ def build_app(served_model_name: str, ttft_ms: float = 20, itl_ms: float = 5,
     @app.get("/sim/stats")
     async def stats(_request):
         stats = {"requests_total": sim.requests_total, "running": sim.running,
-                 "waiting": sim.waiting, "cancelled_total": sim.cancelled_total}
+                 "waiting": sim.waiting, "cancelled_total": sim.cancelled_total,
+                 "unauthorized_total": sim.unauthorized_total}
         if sleep is not None:
             stats.update(sleeping=sleep.sleeping, sleeps_total=sleep.sleeps_total,
                          wakes_total=sleep.wakes_total)
@@ -393,7 +401,7 @@ def _bound_socket(host: str, port: int) -> socket.socket:
 def run(port: int, served_model_name: str, host: str = "127.0.0.1", ttft_ms: float = 20,
         itl_ms: float = 5, startup_s: float = 0, max_num_seqs: int = 256,
         enable_sleep_mode: bool = False, runner: str = "generate",
-        merge_every: int = 4) -> None:
+        merge_every: int = 4, api_key: str | None = None) -> None:
     """Serve the simulator in this one process until SIGTERM/SIGINT, then exit cleanly.
 
     The port is bound at once but listened on only after ``startup_s`` (connections are
@@ -403,7 +411,7 @@ def run(port: int, served_model_name: str, host: str = "127.0.0.1", ttft_ms: flo
     """
     app = build_app(served_model_name, ttft_ms, itl_ms, max_num_seqs,
                     enable_sleep_mode=enable_sleep_mode, runner=runner,
-                    merge_every=merge_every)
+                    merge_every=merge_every, api_key=api_key)
     sim: SimState = app.ctx.sim
     sim.serving = False
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -446,13 +454,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-every", type=st.arg_number(int, 0), default=4,
                         help="every N-th stream content event carries two tokens, as vLLM's "
                              "sometimes do; 0: one token per event (default %(default)s)")
+    parser.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes "
+                                          "(vLLM's --api-key)")
 
 
 def main_from_args(args: argparse.Namespace) -> None:
     run(port=args.port, served_model_name=args.served_model_name, host=args.host,
         ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, startup_s=args.startup_s,
         max_num_seqs=args.max_num_seqs, enable_sleep_mode=args.enable_sleep_mode,
-        runner=args.runner, merge_every=args.merge_every)
+        runner=args.runner, merge_every=args.merge_every, api_key=args.api_key)
 
 
 def main(argv: list[str] | None = None) -> None:
