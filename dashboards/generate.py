@@ -501,12 +501,66 @@ def drift() -> dict:
     ])
 
 
+def keys() -> dict:
+    """Per API key: what each tenant sends, uses and is refused (label ``key``)."""
+    return dashboard("vllm-gateway-keys", "vLLM gateway / API keys",
+                     "Tenancy: requests, tokens, refusals, queue wait and budgets per API key "
+                     "(auth.keys names; \"anonymous\" without keys).", [
+        row("Traffic"),
+        timeseries("Requests per key by code",
+                   "Requests answered per second per API key (gateway_key_requests_total). "
+                   "Key \"\" is requests without a valid key (401).",
+                   targets(("sum by (key, code) (rate(gateway_key_requests_total[$__rate_interval]))",
+                            "{{key}} {{code}}")), "reqps"),
+        timeseries("Tokens per key",
+                   "Prompt and completion tokens per second per key, from the answers' usage "
+                   "(gateway_key_tokens_total).",
+                   targets(("sum by (key, type) (rate(gateway_key_tokens_total[$__rate_interval]))",
+                            "{{key}} {{type}}")), "short"),
+        timeseries("Refusals per key by reason",
+                   "Requests refused on a key's account per second "
+                   "(gateway_key_rejections_total): invalid_api_key, model_not_allowed, "
+                   "rate_limit_requests, rate_limit_tokens, rate_limit_concurrency, "
+                   "insufficient_quota, queue_full.",
+                   targets(("sum by (key, reason) (rate(gateway_key_rejections_total[$__rate_interval]))",
+                            "{{key}} {{reason}}")), "reqps"),
+        timeseries("Queue wait p95 per key",
+                   "Time each key's requests waited for a model slot "
+                   "(gateway_key_queue_wait_seconds). Fair queuing keeps a light key's wait "
+                   "low while another floods the same model.",
+                   targets(("histogram_quantile(0.95, sum by (key, le) (rate("
+                            "gateway_key_queue_wait_seconds_bucket[$__rate_interval])))",
+                            "{{key}}")), "s"),
+        row("Limits"),
+        timeseries("In the gateway per key",
+                   "Requests of each key queued or in flight (gateway_key_active) and "
+                   "holding a model slot (gateway_key_in_flight), against max_concurrent.",
+                   targets(("sum by (key) (gateway_key_active)", "{{key}} active"),
+                           ("sum by (key) (gateway_key_in_flight)", "{{key}} in flight")),
+                   "short"),
+        timeseries("Daily budget used",
+                   "Tokens used today (UTC) over tokens_per_day, per key with a budget "
+                   "(gateway_key_tokens_today / gateway_key_budget_tokens). "
+                   "GatewayKeyBudgetExhausted fires at 100%.",
+                   targets(("gateway_key_tokens_today / gateway_key_budget_tokens", "{{key}}")),
+                   "percentunit",
+                   thresholds=[{"color": "green", "value": None},
+                               {"color": "orange", "value": 0.9},
+                               {"color": "red", "value": 1}]),
+        timeseries("Tokens left this minute",
+                   "What is left of each key's per-minute token limit "
+                   "(gateway_key_tpm_remaining); at 0 its requests get 429 rate_limit_tokens.",
+                   targets(("min by (key) (gateway_key_tpm_remaining)", "{{key}}")), "short"),
+    ])
+
+
 DASHBOARDS = {
     "overview": overview,
     "saturation": saturation,
     "upstream-pool": upstream,
     "lifecycle": lifecycle,
     "drift": drift,
+    "keys": keys,
 }
 
 

@@ -61,6 +61,8 @@ def _registry_text() -> str:
         max_concurrent=4, max_queue=8, admitted_total=10, finished_total=7,
         anomalies_total=0, pool_size=8, pool_in_use=2, vram_reserved_mib=1024)],
         lambda: 80_000, lambda: 20_000)
+    m.attach_keys(lambda: {"team-a": {"active": 1, "in_flight": 1, "tokens_today": 5,
+                                      "tokens_per_day": 10, "tpm_left": 3}})
     # Labelled request-path metrics export no samples until a child exists; make one
     # child each so their label names show up in the exposition too.
     for attr in vars(m).values():
