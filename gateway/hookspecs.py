@@ -69,7 +69,9 @@ def shutdown(gateway: Any) -> Awaitable[None] | None:
 def admit_request(request: RequestInfo, model: ModelView) -> Rejection | None | Awaitable[Rejection | None]:
     """Accept (return None) or refuse (return a Rejection) a request before it queues.
 
-    Every implementation runs; the first Rejection in call order is used.
+    Runs after the key's own checks; ``request.key`` names the API key (never the key
+    itself: credentials are not in ``request.headers``). Every implementation runs; the
+    first Rejection in call order is used.
     Collect-all; may return an awaitable.
     """
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from gateway.app import build_gateway
@@ -36,8 +37,13 @@ def test_compose_file_is_valid():
     cmd = _compose_command()
     result = subprocess.run([*cmd, "-f", str(COMPOSE), "config", "-q"], cwd=REPO,
                             capture_output=True, text=True, timeout=60,
-                            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp"})
+                            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
+                                 "GATEWAY_API_KEY": "k" * 32, "GATEWAY_ADMIN_KEY": "a" * 32})
     assert result.returncode == 0, result.stderr
+    keyless = subprocess.run([*cmd, "-f", str(COMPOSE), "config", "-q"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60,
+                             env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp"})
+    assert keyless.returncode != 0 and "GATEWAY_API_KEY" in keyless.stderr
 
 
 def test_compose_mounts_exist_and_wire_the_services():
@@ -55,10 +61,24 @@ def test_compose_mounts_exist_and_wire_the_services():
     assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
     assert gw["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert (REPO / "Dockerfile").exists()
+    # Published on loopback only, and the gateway cannot start without its keys.
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name}: {port}"
+    assert gw["environment"]["GATEWAY_API_KEY"].startswith("${GATEWAY_API_KEY:?")
+
+
+def test_example_gateway_config_needs_its_keys():
+    from gateway.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_settings(REPO / "deploy" / "gateway.yaml", environ={})
+    assert any("GATEWAY_API_KEY is not set" in line for line in err.value.lines)
 
 
 def test_example_gateway_config_is_valid():
-    settings = load_settings(REPO / "deploy" / "gateway.yaml", environ={})
+    keys = {"GATEWAY_API_KEY": "k" * 32, "GATEWAY_ADMIN_KEY": "a" * 32}
+    settings = load_settings(REPO / "deploy" / "gateway.yaml", environ=keys)
     build_gateway(settings, source="deploy/gateway.yaml")
     assert [m.backend for m in settings.models] == ["docker", "docker"]
     assert settings.listen.host == "0.0.0.0"
