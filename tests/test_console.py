@@ -7,11 +7,13 @@ page, as an operator would: look, start, load, pin, unload, read logs, screensho
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -350,3 +352,186 @@ def test_browser_helpers_fail_fast(console):
         console.page.click("#does-not-exist")
     with pytest.raises(CDPError, match="JS exception"):
         console.page.evaluate("(() => { throw new Error('x'); })()")
+
+
+# --- a gateway with API keys: the console asks for an admin key -------------------------------
+
+OPS_KEY = "sk-console-ops-" + uuid.uuid4().hex
+TEAM_KEY = "sk-console-team-a-" + uuid.uuid4().hex
+KEYED = "keyed-chat"
+KEY_STORAGE = "vllm-gateway.admin-key"
+
+
+def sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    """A gateway with an admin key and a client key (status stays readable without one),
+    and a chromium of its own, so its tab starts with empty storage."""
+    tmp = tmp_path_factory.mktemp("keyed-console")
+    cfg = {"upstream": {"health_interval_s": 0.1, "start_timeout_s": 30, "retries": 0},
+           "auth": {"keys": [{"name": "team-a", "key_sha256": sha256(TEAM_KEY)}],
+                    "admin_keys": [{"name": "ops", "key_sha256": sha256(OPS_KEY)}]},
+           "models": [{"name": KEYED, "backend": "process", "max_concurrent": 2,
+                       "vram_mib": 1000,
+                       "command": sim_command("--ttft-ms", "5", "--itl-ms", "1",
+                                              "--startup-s", "1")}]}
+    chromium = require_tool("chromium", "Debian package chromium")
+    with start_gateway(cfg, tmp / "gateway") as gw:
+        browser = Browser.launch(chromium, tmp / "browser")
+        try:
+            yield Console(gw, browser)
+        finally:
+            browser.close()
+        assert not browser.alive(), "chromium processes left behind"
+
+
+def admin_status(gw) -> dict:
+    return httpx.get(f"{gw.url}/gateway/status", timeout=5, trust_env=False,
+                     headers={"authorization": f"Bearer {OPS_KEY}"}).json()
+
+
+def key_message(page) -> str:
+    return page.evaluate("document.getElementById('key-message').textContent")
+
+
+def key_form_shown(page) -> bool:
+    return page.evaluate("!document.getElementById('key-form').hidden")
+
+
+def stored(page) -> list:
+    """What the tab keeps: [the sessionStorage entry, sessionStorage size, localStorage size]."""
+    return page.evaluate(f"[sessionStorage.getItem({json.dumps(KEY_STORAGE)}), "
+                         "sessionStorage.length, localStorage.length]")
+
+
+def enter_key(page, key: str) -> None:
+    page.evaluate(f"document.getElementById('key-input').value = {json.dumps(key)}")
+    page.click("#key-submit")
+
+
+def test_keyed_console_asks_for_an_admin_key(keyed):
+    page = keyed.page
+    page.navigate(f"{keyed.gw.url}/ui")
+    page.wait_for(f"!!{js_row(KEYED)}", timeout=15, what="the model's row (status needs no key)")
+    page.evaluate(RECORDER)
+    page.wait_for("!document.getElementById('key-form').hidden", timeout=15, what="the key form")
+    assert "needs an admin key (401)" in key_message(page), key_message(page)
+    assert page.evaluate("document.getElementById('conn').textContent") == "key needed"
+    assert page.evaluate("document.activeElement.id") == "key-input"
+    assert page.evaluate("document.getElementById('key-input').type") == "password"
+    assert row_text(page, KEYED, ".urls") == ""  # not an operator yet
+    assert page.evaluate("document.getElementById('auth').hidden")
+    assert stored(page) == [None, 0, 0]
+    assert keyed.gw.status()["totals"]["event_subscribers"] == 0  # the stream was refused
+
+
+def test_a_wrong_key_shows_the_401(keyed):
+    page = keyed.page
+    enter_key(page, "sk-not-a-key-" + uuid.uuid4().hex)
+    page.wait_for("document.getElementById('key-message').textContent.includes('refused')",
+                  timeout=10, what="the refusal")
+    assert key_message(page) == "the gateway refused that key (401): the API key is not valid"
+    assert key_form_shown(page)
+    assert stored(page) == [None, 0, 0], "a refused key is not kept"
+    assert page.evaluate("document.getElementById('key-input').value") == ""
+
+
+def test_a_client_key_is_not_an_admin_key(keyed):
+    page = keyed.page
+    enter_key(page, TEAM_KEY)
+    page.wait_for("document.getElementById('key-message').textContent.includes('403')",
+                  timeout=10, what="the 403")
+    message = key_message(page)
+    assert message.startswith("that key is not an admin key (403): key 'team-a' is not an admin "
+                              "key"), message
+    assert key_form_shown(page)
+    assert page.evaluate("document.getElementById('conn').textContent") == "key needed"
+    assert row_text(page, KEYED, ".urls") == ""
+
+
+def test_the_admin_key_unlocks_the_console(keyed):
+    page, gw = keyed.page, keyed.gw
+    enter_key(page, OPS_KEY)
+    page.wait_for("document.getElementById('key-form').hidden", timeout=10,
+                  what="the form gone once the key is accepted")
+    page.wait_for("document.getElementById('conn').textContent === 'live'", timeout=10,
+                  what="live events with the key")
+    assert gw.status()["totals"]["event_subscribers"] >= 1  # the page's fetch() stream
+    assert not page.evaluate("document.getElementById('auth').hidden")
+    assert stored(page) == [OPS_KEY, 1, 0], "the key lives in sessionStorage only"
+    assert OPS_KEY not in page.evaluate("location.href + document.cookie + document.body.innerText")
+
+    # an action: load (the state changes arrive by events), then pin and unpin
+    page.click(f"tr[data-model={json.dumps(KEYED)}] button.action-load")
+    page.wait_for(f"{js_row(KEYED)}.querySelector('.state').textContent === 'ready'", timeout=40,
+                  what=f"{KEYED} ready on the page")
+    assert "starting" in seen(page, KEYED), seen(page, KEYED)
+    urls = page.wait_for(f"{js_row(KEYED)}.querySelector('.urls').textContent", timeout=10,
+                         what="the upstream URL (shown to admins)")
+    assert urls == " ".join(admin_status(gw)["models"][KEYED]["urls"]), urls
+    assert urls.startswith("http://127.0.0.1:"), urls
+    page.click(f"tr[data-model={json.dumps(KEYED)}] button.action-pin")
+    page.wait_for(f"{js_row(KEYED)}.querySelector('button.action-pin').textContent === 'unpin'",
+                  timeout=10, what="pinned")
+    assert admin_status(gw)["models"][KEYED]["pinned"] is True
+    page.click(f"tr[data-model={json.dumps(KEYED)}] button.action-pin")
+    page.wait_for(f"{js_row(KEYED)}.querySelector('button.action-pin').textContent === 'pin'",
+                  timeout=10, what="unpinned")
+    assert admin_status(gw)["models"][KEYED]["pinned"] is False
+
+    # the log tail is an admin route too
+    page.click(f"tr[data-model={json.dumps(KEYED)}] button.model-name")
+    status = page.wait_for("(() => { const s = document.getElementById('log-status').textContent;"
+                           " return s !== 'loading…' && s; })()", timeout=15, what="the log tail")
+    assert re.match(r"\d+ lines · ", status), status
+    assert page.exceptions() == []
+    assert [e for e in page.log_entries() if "Content Security Policy" in e.get("text", "")] == []
+    assert OPS_KEY not in gw.log_text() and TEAM_KEY not in gw.log_text()
+
+
+def test_forget_key(keyed):
+    page = keyed.page
+    page.click("#key-forget")
+    page.wait_for("!document.getElementById('key-form').hidden", timeout=5, what="the key form")
+    assert key_message(page).startswith("key forgotten"), key_message(page)
+    assert stored(page) == [None, 0, 0]
+    page.wait_for(f"{js_row(KEYED)}.querySelector('.urls').hidden", timeout=10,
+                  what="the upstream URL hidden again")
+    page.wait_for("document.getElementById('conn').textContent === 'key needed'", timeout=10)
+    clear_notice(page)
+    page.click(f"tr[data-model={json.dumps(KEYED)}] button.action-unload")
+    text = page.wait_for("(() => { const n = document.getElementById('notice'); return !n.hidden"
+                         " && document.getElementById('notice-text').textContent; })()",
+                         timeout=10, what="the refused unload")
+    assert text.startswith(f"unload {KEYED} failed: no API key given"), text
+    assert key_message(page).startswith("key forgotten"), "the form keeps its message"
+    assert admin_status(keyed.gw)["models"][KEYED]["state"] == "ready"
+
+
+def test_protected_status_asks_for_the_key_first(keyed, tmp_path):
+    """With ``auth.protect: [status]`` nothing shows until a key is given; a refused key's
+    message stays put while the status poll keeps answering 401."""
+    cfg = {"auth": {"keys": [{"name": "team-a", "key_sha256": sha256(TEAM_KEY)}],
+                    "admin_keys": [{"name": "ops", "key_sha256": sha256(OPS_KEY)}],
+                    "protect": ["status"]},
+           "models": [{"name": "locked", "backend": "static", "url": "http://127.0.0.1:9"}]}
+    page = keyed.page
+    with start_gateway(cfg, tmp_path) as gw:
+        page.navigate(f"{gw.url}/ui")  # another origin: its own, empty, sessionStorage
+        page.wait_for("!document.getElementById('key-form').hidden", timeout=15,
+                      what="the key form")
+        assert "needs an admin key (401)" in key_message(page)
+        assert page.evaluate("document.querySelectorAll('tr[data-model]').length") == 0
+        enter_key(page, "sk-wrong-" + uuid.uuid4().hex)
+        page.wait_for("document.getElementById('key-message').textContent.includes('refused')",
+                      timeout=10, what="the refusal")
+        page.pump(3.5)  # a status poll or two, without a key
+        assert key_message(page).startswith("the gateway refused that key (401)")
+        enter_key(page, OPS_KEY)
+        page.wait_for(f"!!{js_row('locked')}", timeout=10, what="the row, with the key")
+        page.wait_for("document.getElementById('key-form').hidden", timeout=10)
+        assert stored(page) == [OPS_KEY, 1, 0]
+        assert page.exceptions() == []

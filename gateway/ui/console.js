@@ -1,9 +1,14 @@
 // vllm-gateway operators' console. Plain JS, no framework, no build step, same origin only.
 //
 // Data:    GET /gateway/status (polled; re-fetched, throttled, on every event)
-// Live:    GET /gateway/events (EventSource; JSON {type, model, reason, state, time} per event)
+// Live:    GET /gateway/events (server-sent events read with fetch(), so the key can go in a
+//          header, which EventSource cannot send; JSON {type, model, reason, state, time})
 // Actions: POST /gateway/models/{name}/{load?wait=false|unload|sleep|wake|pin|unpin}
 // Logs:    GET /gateway/models/{name}/logs?lines=200 -> {model, lines: [...]}
+// Keys:    once the gateway has API keys, the admin routes answer 401 without an admin key;
+//          the console then asks for one (a form in the page), keeps it in this tab's
+//          sessionStorage only (never localStorage, never a URL) and sends it as
+//          "Authorization: Bearer <key>" on every call.
 //
 // Everything from the server reaches the page through textContent or DOM properties, never
 // parsed as markup anywhere, and the page's CSP forbids inline script anyway.
@@ -28,6 +33,7 @@
     unpin: { when: () => true },
   };
   const ACTION_BUTTONS = ["load", "unload", "sleep", "wake"];
+  const KEY_STORAGE = "vllm-gateway.admin-key";
 
   const $ = (id) => document.getElementById(id);
   const ui = {
@@ -37,14 +43,19 @@
     logPanel: $("log-panel"), logModel: $("log-model"), logStatus: $("log-status"),
     logLines: $("log-lines"), logFollow: $("log-follow"), logRefresh: $("log-refresh"),
     logClose: $("log-close"),
+    auth: $("auth"), authText: $("auth-text"), keyForget: $("key-forget"),
+    keyForm: $("key-form"), keyInput: $("key-input"), keyMessage: $("key-message"),
   };
 
   let status = null;          // the last /gateway/status document
   let statusError = null;     // message of the last failed status fetch, or null
   let skewMs = 0;             // server clock minus ours, when clearly off (Date header)
   let eventsLive = false;
-  let events = null;
+  let events = null;          // the AbortController of the event stream in flight, or null
+  let eventsTimer = null;     // the pending reconnect
+  let eventsProblem = "";     // why the event stream is down, for the indicator's title
   let eventsRetryMs = 1000;
+  let adminKey = readStoredKey();
   let burstUntil = 0;
   let refreshing = null;      // the status fetch in flight
   let refreshAgain = false;
@@ -97,30 +108,129 @@
     return "/gateway/models/" + safe + "/" + tail;
   }
 
+  // --- the admin key -------------------------------------------------------------------------
+  // sessionStorage only: it lasts as long as the tab and is never written anywhere else.
+  function readStoredKey() {
+    try { return sessionStorage.getItem(KEY_STORAGE) || ""; } catch (e) { return ""; }
+  }
+
+  function setKey(key) {
+    adminKey = key;
+    try {
+      if (key) sessionStorage.setItem(KEY_STORAGE, key);
+      else sessionStorage.removeItem(KEY_STORAGE);
+    } catch (e) { /* storage disabled: the key lasts until the page is left */ }
+    ui.auth.hidden = !key;
+  }
+
+  function headersFor(key, accept) {
+    const h = { Accept: accept, "X-Requested-By": "vllm-gateway-console" };
+    if (key) h.Authorization = "Bearer " + key;
+    return h;
+  }
+
+  // Show the key form with a message. keep: leave a message already shown (the answer to
+  // what the operator last did) in place rather than replace it with "a key is needed".
+  function askForKey(message, keep) {
+    const wasHidden = ui.keyForm.hidden;
+    if (wasHidden || !keep) {
+      setText(ui.keyMessage, message);
+      ui.keyMessage.classList.toggle("error", Boolean(adminKey) || !keep);
+    }
+    ui.keyForm.hidden = false;
+    if (wasHidden && document.activeElement !== ui.keyInput) ui.keyInput.focus();
+    updateConn();
+  }
+
+  function keyAccepted() {
+    ui.keyForm.hidden = true;
+    setText(ui.keyMessage, "");
+    setText(ui.authText, "admin key set");
+    updateConn();
+  }
+
+  // A 401 or 403 answer to a call made with `key`: ask for a (better) key. True when it was
+  // about the key. Answers to calls sent with an older key are not about the current one.
+  function authRefused(e, key) {
+    if (key !== adminKey) return false;
+    if (e.status === 401) {
+      if (key) {
+        setKey("");  // a key the gateway does not know: do not keep sending it
+        askForKey("the gateway refused that key (401): " + e.message, false);
+      } else {
+        askForKey("this gateway needs an admin key (401): " + e.message, true);
+      }
+      return true;
+    }
+    if (e.status === 403 && e.code === "admin_forbidden" && key) {
+      setText(ui.authText, "key set (not an admin key)");
+      askForKey("that key is not an admin key (403): " + e.message
+        + ". Enter an admin key (auth.admin_keys) for actions, logs and live updates.", false);
+      return true;
+    }
+    return false;
+  }
+
+  function useKey(ev) {
+    ev.preventDefault();  // handled here: the form never navigates (CSP form-action 'none')
+    const key = ui.keyInput.value.trim();
+    if (!key) { askForKey("enter a key", false); return; }
+    if (!/^[\x21-\x7e]+$/.test(key)) {
+      askForKey("an API key is printable ASCII, without spaces", false);
+      return;
+    }
+    ui.keyInput.value = "";
+    setKey(key);
+    setText(ui.authText, "admin key set");
+    setText(ui.keyMessage, "checking the key…");
+    ui.keyMessage.classList.remove("error");
+    connectEvents();  // the event stream is an admin route: its answer says if the key is one
+    refreshStatus();
+  }
+
+  function forgetKey() {
+    setKey("");
+    askForKey("key forgotten; enter an admin key to use the admin routes", false);
+    connectEvents();
+    refreshStatus();  // drops what only an admin may see (upstream URLs, error details)
+  }
+
   // --- HTTP ---------------------------------------------------------------------------------
+  async function errorFrom(resp) {
+    const text = await resp.text().catch(() => "");
+    let body = null;
+    if (text) {
+      try { body = JSON.parse(text); } catch (e) { body = null; }
+    }
+    const err = body && typeof body === "object" && body.error && typeof body.error === "object" ? body.error : null;
+    const message = err && typeof err.message === "string" && err.message
+      ? err.message : ("HTTP " + resp.status + (resp.statusText ? " " + resp.statusText : ""));
+    const e = new Error(message);
+    e.status = resp.status;
+    e.code = err && typeof err.code === "string" ? err.code : null;
+    return e;
+  }
+
   async function request(method, path) {
+    const key = adminKey;
     let resp;
     try {
       resp = await fetch(path, {
         method, cache: "no-store", credentials: "same-origin",
-        headers: { Accept: "application/json", "X-Requested-By": "vllm-gateway-console" },
+        headers: headersFor(key, "application/json"),
       });
     } catch (e) {
       throw new Error(method + " " + path + ": gateway unreachable (" + e.message + ")");
+    }
+    if (!resp.ok) {
+      const e = await errorFrom(resp);
+      authRefused(e, key);
+      throw e;
     }
     const text = await resp.text();
     let body = null;
     if (text) {
       try { body = JSON.parse(text); } catch (e) { body = null; }
-    }
-    if (!resp.ok) {
-      const err = body && typeof body === "object" && body.error && typeof body.error === "object" ? body.error : null;
-      const message = err && typeof err.message === "string" && err.message
-        ? err.message : ("HTTP " + resp.status + (resp.statusText ? " " + resp.statusText : ""));
-      const e = new Error(message);
-      e.status = resp.status;
-      e.code = err && typeof err.code === "string" ? err.code : null;
-      throw e;
     }
     return { status: resp.status, body, date: resp.headers.get("date") };
   }
@@ -250,8 +360,10 @@
     nameBtn.dataset.open = "log";
     nameBtn.title = "show the tail of " + name + "'s server log";
     const backend = el("span", "backend");
+    const urls = el("span", "urls");
+    urls.title = "upstream server";
     const pinned = el("span", "badge pinned", "pinned");
-    nameTd.append(nameBtn, backend, pinned);
+    nameTd.append(nameBtn, backend, urls, pinned);
 
     const stateTd = td();
     const state = el("span", "state");
@@ -289,7 +401,7 @@
     buttons.pin = pin;
     actionsTd.appendChild(pin);
 
-    return { tr, cells: { nameBtn, backend, pinned, state, stateNote, queue, inflight, vram, idle, idleLimit, errorTd, errorText, buttons } };
+    return { tr, cells: { nameBtn, backend, urls, pinned, state, stateNote, queue, inflight, vram, idle, idleLimit, errorTd, errorText, buttons } };
   }
 
   function updateRow(name) {
@@ -298,6 +410,9 @@
     if (!row || !m) return;
     const c = row.cells;
     setText(c.backend, String(m.backend ?? ""));
+    const urls = Array.isArray(m.urls) ? m.urls.map(String).join(" ") : "";  // admins only
+    setText(c.urls, urls);
+    c.urls.hidden = !urls;
     c.pinned.hidden = !m.pinned;
     setText(c.state, String(m.state ?? "unknown"));
     const cls = stateClass(m.state ?? "unknown");
@@ -357,7 +472,9 @@
   // --- live updates -------------------------------------------------------------------------
   function updateConn() {
     let text, cls, title;
-    if (statusError !== null) {
+    if (!ui.keyForm.hidden && !eventsLive) {
+      text = "key needed"; cls = "conn-locked"; title = ui.keyMessage.textContent;
+    } else if (statusError !== null) {
       text = "offline"; cls = "conn-offline"; title = "GET /gateway/status failed: " + statusError;
     } else if (eventsLive) {
       text = "live"; cls = "conn-live"; title = "live updates from /gateway/events";
@@ -365,7 +482,8 @@
       text = "connecting"; cls = "conn-connecting"; title = "connecting";
     } else {
       text = "reconnecting"; cls = "conn-reconnecting";
-      title = "event stream down; polling /gateway/status every " + POLL_MS / 1000 + " s meanwhile";
+      title = "event stream down" + (eventsProblem ? " (" + eventsProblem + ")" : "")
+        + "; polling /gateway/status every " + POLL_MS / 1000 + " s meanwhile";
     }
     setText(ui.conn, text);
     setTitle(ui.conn, title);
@@ -373,25 +491,88 @@
     if (ui.conn.className !== full) ui.conn.className = full;
   }
 
+  // (Re)open the event stream, dropping the one in flight. It reconnects by itself, backing
+  // off, whenever the stream ends or fails, except when the gateway refused the key: then it
+  // waits for one to be entered (useKey calls this again).
   function connectEvents() {
-    if (typeof EventSource === "undefined") { updateConn(); return; }
-    const es = new EventSource("/gateway/events");
-    events = es;
-    es.onopen = () => {
-      eventsRetryMs = 1000;
-      eventsLive = true;
-      updateConn();
-      scheduleRefresh();  // events sent while we were away are lost: catch up
-    };
-    es.onmessage = (msg) => onEvent(msg.data);
-    es.onerror = () => {
+    clearTimeout(eventsTimer);
+    eventsTimer = null;
+    if (events) events.abort();
+    const ctl = new AbortController();
+    events = ctl;
+    eventsLive = false;
+    updateConn();
+    readEvents(ctl).then((retry) => {
+      if (events !== ctl) return;  // replaced by a newer stream
       eventsLive = false;
       updateConn();
-      if (es.readyState === EventSource.CLOSED) {
-        // The browser gives up on a non-200 or non-event-stream answer: retry ourselves.
-        es.close();
-        setTimeout(connectEvents, eventsRetryMs);
-        eventsRetryMs = Math.min(eventsRetryMs * 2, EVENTS_RETRY_MAX_MS);
+      if (!retry) return;
+      eventsTimer = setTimeout(connectEvents, eventsRetryMs);
+      eventsRetryMs = Math.min(eventsRetryMs * 2, EVENTS_RETRY_MAX_MS);
+    });
+  }
+
+  // One stream: GET /gateway/events, its body read as server-sent events. Resolves to
+  // whether to reconnect.
+  async function readEvents(ctl) {
+    const key = adminKey;
+    let resp;
+    try {
+      resp = await fetch("/gateway/events", {
+        cache: "no-store", credentials: "same-origin", signal: ctl.signal,
+        headers: headersFor(key, "text/event-stream"),
+      });
+    } catch (e) {
+      eventsProblem = "gateway unreachable";
+      return true;
+    }
+    if (!resp.ok) {
+      const e = await errorFrom(resp);
+      eventsProblem = e.message;
+      return !authRefused(e, key);
+    }
+    if (!resp.body || !(resp.headers.get("content-type") || "").startsWith("text/event-stream")) {
+      eventsProblem = "not an event stream";
+      return true;
+    }
+    eventsProblem = "";
+    eventsRetryMs = 1000;
+    eventsLive = true;
+    if (key === adminKey) keyAccepted();  // an admin route answered: the key (if any) is good
+    updateConn();
+    scheduleRefresh();  // events sent while we were away are lost: catch up
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    const parse = sseParser(onEvent);
+    try {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        parse(decoder.decode(value, { stream: true }));
+      }
+      eventsProblem = "the gateway ended the stream";
+    } catch (e) {
+      eventsProblem = "stream broken";
+    }
+    return true;
+  }
+
+  // Server-sent events, as far as the gateway sends them: "data:" lines, ended by an empty
+  // line, make one message; ":" lines are comments (keep-alives); other fields are ignored.
+  function sseParser(onMessage) {
+    let buffer = "";
+    let data = [];
+    return (chunk) => {
+      buffer += chunk;
+      const lines = buffer.split(/\r\n|\r|\n/);
+      buffer = lines.pop();  // an incomplete line waits for the next chunk
+      for (const line of lines) {
+        if (line === "") {
+          if (data.length) onMessage(data.join("\n"));
+          data = [];
+        } else if (line.startsWith("data:")) {
+          data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
+        }
       }
     };
   }
@@ -492,12 +673,15 @@
     else if (target.dataset.open === "log") openLog(name);
   });
   ui.noticeClose.addEventListener("click", () => { ui.notice.hidden = true; });
+  ui.keyForm.addEventListener("submit", useKey);
+  ui.keyForget.addEventListener("click", forgetKey);
   ui.logRefresh.addEventListener("click", () => refreshLog());
   ui.logClose.addEventListener("click", closeLog);
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) scheduleRefresh();
   });
 
+  ui.auth.hidden = !adminKey;
   updateConn();
   connectEvents();
   pollLoop();
