@@ -19,6 +19,7 @@ measured run. Everything started is stopped in ``finally``; the whole run is bou
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -52,8 +53,9 @@ CANNED = {
 TARGET_RPS_RATIO = 0.60      # gateway req/s / bare aiohttp proxy req/s, 32 connections
 TARGET_P50_ADDED_MS = 0.5    # gateway p50 - nginx p50, 1 connection
 TARGET_RSS_MB = 150.0
+TARGET_KEYED_COST = 0.05     # keys + every per-key limit cost at most 5% of req/s
 RSS_GROWTH_TOLERANCE_MB = 3.0  # allocator noise; a leak grows with every request
-HARD_DEADLINE_S = 170.0
+HARD_DEADLINE_S = 200.0
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -116,7 +118,8 @@ def wait_ready(proc: Proc, url: str, timeout: float = 20.0) -> None:
             raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}:\n{proc.log()}")
         try:
             r = httpx.post(url + PATH, content=REQUEST_BODY, timeout=2.0, trust_env=False,
-                           headers={"Content-Type": "application/json"})
+                           headers={"Content-Type": "application/json",
+                                    "Authorization": f"Bearer {BENCH_KEY}"})
             if r.status_code == 200 and r.json().get("object") == "chat.completion":
                 return
             last = f"HTTP {r.status_code}: {r.text[:200]}"
@@ -190,15 +193,29 @@ def gateway_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "gateway"]
 
 
-def start_gateway(tmp: Path, upstream: str) -> tuple[Proc, str]:
+BENCH_KEY = "sk-bench-0123456789abcdef"
+# Every per-key limit on, none of them reached: what checking them costs.
+KEYED_AUTH = (
+    "auth:\n"
+    "  keys:\n"
+    f"    - {{name: bench, key_sha256: \"{hashlib.sha256(BENCH_KEY.encode()).hexdigest()}\", "
+    "models: [\"bench*\"], rpm: 10000000, tpm: 10000000000, max_concurrent: 100000, "
+    "tokens_per_day: 10000000000000, max_queued: 1000}\n"
+    + "".join(f"    - {{name: other-{i}, key_sha256: \"{hashlib.sha256(str(i).encode()).hexdigest()}\"}}\n"
+              for i in range(8))
+    + f"  admin_keys: [{{name: ops, key_sha256: \"{'0' * 64}\"}}]\n")
+
+
+def start_gateway(tmp: Path, upstream: str, keyed: bool = False) -> tuple[Proc, str]:
     port = free_port()
-    cfg = tmp / "gateway.yaml"
+    cfg = tmp / f"gateway{'-keyed' if keyed else ''}.yaml"
     cfg.write_text(
         f"listen: {{host: 127.0.0.1, port: {port}}}\n"
         "limits: {max_concurrent: 64, max_queue: 1000}\n"
-        "models:\n"
+        + (KEYED_AUTH if keyed else "")
+        + "models:\n"
         f"  - {{name: bench, backend: static, url: \"{upstream}\"}}\n")
-    proc = Proc("gateway", gateway_argv() + ["serve", "--config", str(cfg), "--port", str(port)],
+    proc = Proc("gateway-keyed" if keyed else "gateway", gateway_argv() + ["serve", "--config", str(cfg), "--port", str(port)],
                 tmp, cwd=tmp, env=_env())
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url)
@@ -275,20 +292,24 @@ class Bench:
             'wrk.method = "POST"\n'
             f"wrk.body = '{REQUEST_BODY}'\n"
             'wrk.headers["Content-Type"] = "application/json"\n')
+        self.keyed_script = tmp / "post-keyed.lua"
+        self.keyed_script.write_text(self.script.read_text()
+                                     + f'wrk.headers["Authorization"] = "Bearer {BENCH_KEY}"\n')
         self.duration = duration
         self.warmup = warmup
         self.deadline = deadline
         self.runs: list[Run] = []
 
     def measure(self, target: str, url: str, connections: int, note: str = "",
-                warmup: bool = True) -> Run:
+                warmup: bool = True, keyed: bool = False) -> Run:
         if time.monotonic() + self.warmup + self.duration > self.deadline:
             raise TimeoutError(f"bench would exceed its {HARD_DEADLINE_S:.0f}s bound "
                                f"before measuring {target} c={connections}")
         threads = 1 if connections == 1 else 2
+        script = self.keyed_script if keyed else self.script
         if warmup and self.warmup > 0:
-            wrk(url, self.script, connections, threads, self.warmup)
-        run = parse_wrk(wrk(url, self.script, connections, threads, self.duration),
+            wrk(url, script, connections, threads, self.warmup)
+        run = parse_wrk(wrk(url, script, connections, threads, self.duration),
                         Run(target, connections, threads, self.duration, note=note))
         self.runs.append(run)
         print(f"  {target:<26} c={connections:<3} {run.rps:9.0f} req/s  p50 {run.p50_ms:7.3f} ms"
@@ -341,6 +362,16 @@ def run_all(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         bench.measure("gateway", gw_url, 32, note="round 2", warmup=False)
         rss["after_round_2"] = rss_mb(gw.pid)
         status_after = gateway_status(gw_url)
+        gw.stop()
+        # The same gateway with API keys and every per-key limit configured (none hit).
+        keyed, keyed_url = start_gateway(tmp, upstream, keyed=True)
+        procs.append(keyed)
+        bench.measure("gateway-keyed", keyed_url, 32, keyed=True)
+        status_after["keyed"] = gateway_status(keyed_url)
+        # And the plain one again right after, so the ratio compares neighbours in time.
+        gw, gw_url = start_gateway(tmp, upstream)
+        procs.append(gw)
+        bench.measure("gateway", gw_url, 32, note="round 3")
     finally:
         for p in reversed(procs):
             p.stop()
@@ -360,9 +391,13 @@ def summarize(runs: list[Run], rss: dict[str, float], status: dict[str, Any], el
     added_p50 = gw1.p50_ms - nginx1.p50_ms
     growth = rss["after_round_2"] - rss["after_round_1"]
     peak = max(rss.values())
-    models = status.get("models", {})
+    models = [*status.get("models", {}).values(),
+              *status.get("keyed", {}).get("models", {}).values()]
     clean = all(m.get("in_flight") == 0 and m.get("queue_depth") == 0 and m.get("drift") == 0
-                for m in models.values()) and bool(models)
+                for m in models) and len(models) == 2
+    keyed32 = get("gateway-keyed", 32)
+    plain_near = (get("gateway", 32, "round 2").rps + get("gateway", 32, "round 3").rps) / 2
+    keyed_cost = 1 - keyed32.rps / plain_near if plain_near else 1.0
     errors = sum(r.non_2xx + r.socket_errors for r in runs)
     targets = {
         "rps_ratio_vs_bare_32c": {"value": round(ratio, 3), "target": f">= {TARGET_RPS_RATIO}",
@@ -375,6 +410,9 @@ def summarize(runs: list[Run], rss: dict[str, float], status: dict[str, Any], el
         "rss_growth_round2_mb": {"value": round(growth, 2),
                                  "target": f"<= {RSS_GROWTH_TOLERANCE_MB} (no growth)",
                                  "ok": growth <= RSS_GROWTH_TOLERANCE_MB},
+        "keys_and_limits_cost": {"value": round(keyed_cost, 3),
+                                 "target": f"<= {TARGET_KEYED_COST} (req/s lost with keys, "
+                                           "32 conns)", "ok": keyed_cost <= TARGET_KEYED_COST},
         "errors": {"value": errors, "target": "0", "ok": errors == 0},
         "gateway_accounting_clean": {"value": clean, "target": "in_flight/queue/drift all 0",
                                      "ok": clean},
