@@ -4,11 +4,16 @@ Each command is one call to the admin API (gateway/routes/models.py, /gateway/st
 /gateway/reload). ``--url`` names the gateway (default: the ``listen`` address of
 ``--config``, else http://127.0.0.1:8080); ``--json`` prints the answer as it came. A
 gateway that cannot be reached, or an error answer, is one line on stderr and exit 1.
+
+Once the gateway has API keys, these calls need an admin key (``auth.admin_keys``): set
+``VLLM_GATEWAY_ADMIN_KEY`` (``--admin-key`` also works, but a flag shows in ``ps`` and in
+shell history). It is sent as ``Authorization: Bearer <key>`` and never printed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -19,6 +24,8 @@ import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 CONNECT_TIMEOUT_S = 5.0
+ADMIN_KEY_ENV = "VLLM_GATEWAY_ADMIN_KEY"
+MAX_KEY_CHARS = 512  # what the gateway accepts (gateway/keys.py)
 
 
 class CtlError(Exception):
@@ -44,6 +51,9 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--url", help=f"gateway URL (default: --config's listen, else {DEFAULT_URL})")
         p.add_argument("--config", help="config file whose listen address to use")
         p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+        p.add_argument("--admin-key", metavar="KEY",
+                       help=f"admin key for a gateway with API keys (default: ${ADMIN_KEY_ENV}; "
+                            "prefer the variable: a flag shows in ps)")
         p.set_defaults(func=_guarded(func))
 
 
@@ -61,25 +71,65 @@ def base_url(args: argparse.Namespace) -> str:
     if args.url:
         return args.url.rstrip("/")
     if args.config:
-        from gateway.config import ConfigError, load_settings
+        from gateway.config import ConfigError, Listen, load_settings
 
         try:
             listen = load_settings(args.config).listen
         except ConfigError as exc:
-            raise CtlError(str(exc).splitlines()[0]) from None
+            # Only the listen address matters here: a problem elsewhere (say, a key_env
+            # variable set for the server but not in this shell) does not stop the command.
+            section = exc.raw.get("listen", {}) if isinstance(exc.raw, dict) else None
+            try:
+                if not isinstance(section, dict):
+                    raise ValueError
+                listen = Listen.model_validate(section)
+            except ValueError:  # pydantic's ValidationError too
+                about = [line for line in exc.lines if f"{args.config}: listen" in line]
+                raise CtlError((about or exc.lines)[0]) from None
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen.host, listen.host)
         return f"http://{f'[{host}]' if ':' in host else host}:{listen.port}"
     return DEFAULT_URL
+
+
+def admin_key(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The admin key to send and where it came from; CtlError (not naming it) if malformed."""
+    key, source = getattr(args, "admin_key", None), "--admin-key"
+    if not key:
+        key, source = os.environ.get(ADMIN_KEY_ENV), ADMIN_KEY_ENV
+    if not key:
+        return None, ""
+    key = key.strip()
+    if not key or len(key) > MAX_KEY_CHARS or not key.isascii() or not key.isprintable() \
+            or " " in key:
+        raise CtlError(f"the admin key in {source} is not a valid API key (1-{MAX_KEY_CHARS} "
+                       "printable ASCII characters, no spaces)")
+    return key, source
+
+
+def _refusal(resp: httpx.Response, code: str | None, message: str | None, source: str) -> str:
+    """The one line for a 401/403 from an admin route."""
+    if resp.status_code == 401:
+        if not source:
+            return (f"the gateway refused: admin key required (set {ADMIN_KEY_ENV} or "
+                    "--admin-key)")
+        return f"the gateway refused the admin key from {source}: " + (
+            message or "the API key is not valid")
+    detail = message or f"HTTP {resp.status_code}"
+    if code == "admin_forbidden" and source:
+        return f"the gateway refused: {detail} (the key in {source} must be one of auth.admin_keys)"
+    return f"the gateway refused: {detail}"
 
 
 def call(args: argparse.Namespace, method: str, path: str, read_timeout: float | None = 30.0,
          **params: Any) -> Any:
     """One admin API call; the decoded JSON answer, or CtlError with the error's message."""
     url = base_url(args) + path
+    key, source = admin_key(args)
+    headers = {"authorization": f"Bearer {key}"} if key else None
     timeout = httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT_S)
     try:
-        resp = httpx.request(method, url, params=params or None, timeout=timeout,
-                             trust_env=False)
+        resp = httpx.request(method, url, params=params or None, headers=headers,
+                             timeout=timeout, trust_env=False)
     except httpx.ConnectError:
         raise CtlError(f"cannot connect to the gateway at {base_url(args)} (is it running? "
                        "see --url)") from None
@@ -92,6 +142,12 @@ def call(args: argparse.Namespace, method: str, path: str, read_timeout: float |
     if resp.status_code >= 400:
         err = body.get("error") if isinstance(body, dict) else None
         message = err.get("message") if isinstance(err, dict) else None
+        if not isinstance(message, str):
+            message = None
+        if resp.status_code in (401, 403):
+            code = err.get("code") if isinstance(err, dict) else None
+            line = _refusal(resp, code, message and message.splitlines()[0], source)
+            raise CtlError(line.replace(key, "***") if key else line)
         problems = body.get("problems") if isinstance(body, dict) else None
         if message and isinstance(problems, list):  # a rejected reload: one line each
             message = "\n".join([message, *(f"  {p}" for p in problems)])
