@@ -8,7 +8,14 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 TINY_MODEL := .cache/tiny-models/tiny-llama/config.json
 
-.PHONY: install run test test-vllm vllm bench lint clean dashboards
+# LiteLLM's proxy, the streaming bench's peer (a separate venv of about 750 MB). Pinned:
+# 1.106.12 is the newest whose [proxy] extra installs here (later ones need litellm-proxy /
+# litellm-proxy-extras releases the package index does not have); bump it deliberately.
+LITELLM_VERSION := 1.106.12
+LITELLM_VENV := .venv-litellm
+LITELLM_STAMP := $(LITELLM_VENV)/.installed-$(LITELLM_VERSION)
+
+.PHONY: install run test test-vllm vllm bench litellm lint clean dashboards
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -39,8 +46,20 @@ test: $(STAMP) vllm
 test-vllm: $(STAMP) vllm
 	$(BIN)/pytest -q -m real_vllm $(PYTEST_ARGS)
 
-bench: $(STAMP)
+$(LITELLM_STAMP):
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q --upgrade pip
+	$(LITELLM_VENV)/bin/pip install -q 'litellm[proxy]==$(LITELLM_VERSION)'
+	rm -f $(LITELLM_VENV)/.installed-*
+	touch $@
+
+litellm: $(LITELLM_STAMP)
+
+# bench/README.md: request overhead (wrk), then streaming (direct, bare relay, gateway, LiteLLM)
+bench: $(STAMP) $(LITELLM_STAMP)
 	$(BIN)/python bench/run_bench.py
+	$(BIN)/python bench/stream_bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -49,7 +68,7 @@ dashboards: $(STAMP)
 	$(BIN)/python dashboards/generate.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .cache build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LITELLM_VENV) .cache build *.egg-info .pytest_cache
 
 .PHONY: gpu-check
 gpu-check:  # GPU memory check on a GPU host: scripts/gpu-check/README.md
