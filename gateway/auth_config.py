@@ -189,6 +189,9 @@ def resolve_keys(settings: Any, source: str, environ: Mapping[str, str]) -> list
                     and entry.priority not in bands:
                 problems.append(f"{where}.priority: {entry.priority!r} is not a band of "
                                 f"auth.priorities ({', '.join(sorted(bands))})")
+    if auth.protect and not auth.enabled:
+        log.warning("%s: auth.protect lists %s but no keys are configured: nothing is "
+                    "protected", source, ", ".join(auth.protect))
     problem = exposure_problem(settings, source)
     return problems + ([problem] if problem else [])
 

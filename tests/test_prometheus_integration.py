@@ -17,6 +17,8 @@ import httpx
 import pytest
 import yaml
 
+from gateway.auth_config import digest
+
 try:
     from tests.helpers import free_port, start_gateway
     from tests.tools import require_tool
@@ -29,6 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 SIM = ["vllm-gateway", "simulate", "--port", "{port}", "--served-model-name", "{name}",
        "--startup-s", "0.2", "--ttft-ms", "5", "--itl-ms", "1"]
 LOAD_SECONDS = 8.0
+METERED_KEY = "sk-metered-0123456789"
+ADMIN_KEY = "sk-admin-0123456789ab"  # Prometheus's service discovery needs it once keys exist
 SCRAPE = "1s"
 
 
@@ -56,6 +60,9 @@ def _load(url: str, stop_at: float) -> None:
         ("tiny", {"prompt": "x y", "max_tokens": 30}),
         ("nope", {"prompt": "x"}),
         ("chat-a", {"prompt": "fail", "headers": {"X-Sim-Status": "500"}}),
+        # A key with token limits: the per-key budget and tokens-left series.
+        ("chat-a", {"messages": [{"role": "user", "content": "metered"}], "max_tokens": 4,
+                    "stream": True, "headers": {"Authorization": f"Bearer {METERED_KEY}"}}),
     ]
     with httpx.Client(base_url=url, timeout=30, trust_env=False) as client:
         i = 0
@@ -72,6 +79,10 @@ def test_every_dashboard_query_returns_data(tmp_path):
     prometheus = require_tool("prometheus", "the Prometheus integration test")
     config = {
         "idle_timeout_s": 0,
+        "auth": {"allow_anonymous": True,
+                 "keys": [{"name": "metered", "key_sha256": digest(METERED_KEY),
+                           "tpm": 10_000_000, "tokens_per_day": 100_000_000}],
+                 "admin_keys": [{"name": "prometheus", "key_sha256": digest(ADMIN_KEY)}]},
         "plugins": {"modules": ["tests.fake_gpu"]},  # no GPU here: VRAM through the hook
         "models": [
             {"name": "chat-a", "backend": "process", "command": SIM, "max_concurrent": 8},
@@ -89,7 +100,9 @@ def test_every_dashboard_query_returns_data(tmp_path):
             "scrape_configs": [
                 {"job_name": "vllm-gateway", "static_configs": [{"targets": [f"127.0.0.1:{gw.port}"]}]},
                 {"job_name": "vllm", "http_sd_configs": [
-                    {"url": f"{gw.url}/gateway/sd", "refresh_interval": "1s"}]},
+                    {"url": f"{gw.url}/gateway/sd", "refresh_interval": "1s",
+                     # type given: Prometheus 2.42 sends the bare credentials without it
+                     "authorization": {"type": "Bearer", "credentials": ADMIN_KEY}}]},
             ],
         }
         cfg_path = tmp_path / "prometheus.yml"

@@ -30,7 +30,8 @@ def admin_refusal(request: Request) -> HTTPResponse | None:
         identity = gw.tenancy.identify(request.headers)
         if identity.admin is not None:
             return None
-        if not identity.presented or identity.tenant is None:
+        if not identity.presented or identity.tenant is None or \
+                identity.tenant is gw.tenancy.keyring.anonymous:
             return gw.tenancy.unauthorized(identity) if gw.settings.auth.admin_keys else \
                 error_response(403, "admin routes need an admin key and none is configured "
                                "(auth.admin_keys)", "admin_forbidden")
@@ -69,7 +70,7 @@ def read_refusal(request: Request, what: str) -> HTTPResponse | None:
     """None when ``what`` (a read endpoint named in ``auth.protect``) may be read: any
     valid key, client or admin, when it is protected; anyone otherwise."""
     tenancy = request.app.ctx.gateway.tenancy
-    if what not in tenancy.keyring.protect:
+    if what not in tenancy.keyring.protect or not tenancy.enabled:
         return None
     identity = tenancy.identify(request.headers)
     if identity.presented and (identity.tenant is not None or identity.admin is not None):

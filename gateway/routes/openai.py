@@ -66,7 +66,7 @@ def _caller(request: Request) -> tuple[Tenant | None, HTTPResponse | None]:
     makes even an anonymous-allowed gateway require a key here)."""
     tenancy = request.app.ctx.gateway.tenancy
     identity = tenancy.identify(request.headers)
-    if identity.tenant is None or ("models" in tenancy.keyring.protect
+    if identity.tenant is None or ("models" in tenancy.keyring.protect and tenancy.enabled
                                    and not identity.presented):
         return None, tenancy.unauthorized(identity)
     return identity.tenant, None
