@@ -215,8 +215,8 @@ def start_gateway(tmp: Path, upstream: str, keyed: bool = False) -> tuple[Proc, 
         + (KEYED_AUTH if keyed else "")
         + "models:\n"
         f"  - {{name: bench, backend: static, url: \"{upstream}\"}}\n")
-    proc = Proc("gateway-keyed" if keyed else "gateway", gateway_argv() + ["serve", "--config", str(cfg), "--port", str(port)],
-                tmp, cwd=tmp, env=_env())
+    argv = gateway_argv() + ["serve", "--config", str(cfg), "--port", str(port)]
+    proc = Proc("gateway-keyed" if keyed else "gateway", argv, tmp, cwd=tmp, env=_env())
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url)
     return proc, url
