@@ -35,7 +35,7 @@ instead (LiteLLM). In one run, with the same upstream and the same load generato
 The proxy under test is pinned to the last CPU and everything else (upstream, load
 generator, this script) to the others (``taskset``; ``--no-pin`` to leave the scheduler
 alone): on the 2-core box the proxy gets one core and the load side the other.
-Everything started is stopped in ``finally``; the run is bounded (about 3.5 minutes by
+Everything started is stopped in ``finally``; the run is bounded (about 4 minutes by
 default, ``HARD_DEADLINE_S`` at most). ``--quick`` shrinks every phase (the smoke test);
 ``--strict`` exits 1 when a target is missed.
 """
@@ -195,6 +195,7 @@ class Bench:
         self.runs: list[dict[str, Any]] = []
         self.failed: dict[str, str] = {}
         self.status_checks: list[dict[str, Any]] = []
+        self.gateway_url = ""
         self.seq = 0
 
     def spawn(self, name: str, argv: list[str], cpus: list[int],
@@ -249,6 +250,7 @@ class Bench:
             proc = self.spawn("gateway", gateway_argv() + ["serve", "--config", str(cfg)],
                               self.pin.proxy)
             wait_ready(proc, url, 30)
+            self.gateway_url = url
             return proc, url, {}
         # litellm
         if not LITELLM.exists():
@@ -336,11 +338,14 @@ class Bench:
         return None
 
     def after_run(self, target: str, pids: list[int]) -> None:
+        """Let the target go idle; then the gateway's accounting must be back to zero."""
         waited = self.settle(pids or self.upstream_pids)
-        if self.runs and self.runs[-1]["target"] == target:
-            self.runs[-1]["settled_after_s"] = waited
+        last = self.runs[-1] if self.runs and self.runs[-1]["target"] == target else {}
+        last["settled_after_s"] = waited
         if waited is None:
             print(f"  {target} still busy 20 s after the run", flush=True)
+        if target == "gateway" and self.gateway_url and "skipped" not in last:
+            self.check_status(self.gateway_url, f"{last.get('kind')} {last.get('streams')}")
 
     def saturation(self, target: str, url: str, headers: dict[str, str],
                    proxy_pids: list[int], drain: float) -> None:
@@ -429,22 +434,18 @@ class Bench:
             is_gw = target == "gateway"
             drain = p.litellm_drain if target == "litellm" else p.drain
             self.saturation(target, url, headers, pids, drain)
-            if is_gw:
-                self.check_status(url, "saturation")
             counts = p.litellm_fixed_streams if target == "litellm" else p.fixed_streams
             self.fixed(target, url, headers, counts, pids, drain)
-            if is_gw:
-                self.check_status(url, "fixed load")
             if with_open and target != "litellm":
                 self.open_streams(target, url, pids, url + "/gateway/status" if is_gw else None)
-                if is_gw:
-                    self.check_status(url, "open streams")
             if pids:
                 self.runs.append({"target": target, "kind": "rss",
                                   "rss_kb_start": rss_start, "rss_kb_end": rss_kb(pids)})
         finally:
             if proc is not None:
                 self.stop(proc)
+            if target == "gateway":
+                self.gateway_url = ""
 
 
 # --- report ------------------------------------------------------------------------------
@@ -516,6 +517,8 @@ def summarize(bench: Bench, elapsed: float, args: argparse.Namespace) -> dict[st
                 cpu = r.get("cpu", {})
                 proxy = cpu.get("proxy")
                 events = r["events_in_window"]
+                row[f"sat{c}_errors"] = r.get("error_count")
+                row[f"sat{c}_unfinished"] = r.get("unfinished", 0)
                 row[f"sat{c}_events_per_s"] = r["events_per_s"]
                 row[f"sat{c}_events_per_read"] = r["events_per_read"]
                 row[f"sat{c}_ttft_p50_ms"] = r["ttft_ms"]["p50"]
@@ -535,6 +538,7 @@ def summarize(bench: Bench, elapsed: float, args: argparse.Namespace) -> dict[st
                 row[f"fixed{c}_gap_p99_ms"] = r["gap_ms"]["p99"]
                 row[f"fixed{c}_events_per_s"] = r["events_per_s"]
                 row[f"fixed{c}_unfinished"] = r.get("unfinished", 0)
+                row[f"fixed{c}_errors"] = r.get("error_count")
                 proxy = r.get("cpu", {}).get("proxy")
                 if proxy:
                     row[f"fixed{c}_proxy_util"] = proxy["util"]
@@ -549,6 +553,7 @@ def summarize(bench: Bench, elapsed: float, args: argparse.Namespace) -> dict[st
         if r and "rss_kb_open" in r:
             row["open_streams"] = r["streams"]
             row["open_at_sample"] = r["open_at_rss_sample"]
+            row["open_errors"] = r.get("error_count")
             row["open_rss_mb_before"] = round(sum(r["rss_kb_before"].values()) / 1024, 1)
             row["open_rss_mb_open"] = round(sum(r["rss_kb_open"].values()) / 1024, 1)
             row["open_rss_kb_per_stream"] = round(kb_per_stream(r), 2)
@@ -657,7 +662,8 @@ def print_report(res: dict[str, Any], output: Path) -> None:
     print(f"\nSaturation: lockstep streams of {plan['sat_chunks']} events, "
           f"{plan['sat_duration']:g} s measured")
     print(f"{'target':<11}{'streams':>8}{'events/s':>10}{'µs/event':>10}{'events/CPU-s':>13}"
-          f"{'proxy util':>11}{'its core':>9}{'load side':>10}{'TTFT p50':>9}")
+          f"{'proxy util':>11}{'its core':>9}{'load side':>10}{'TTFT p50':>9}{'errors':>7}"
+          f"{'cut off':>8}")
     for target, row in table.items():
         if "failed" in row:
             print(f"{target:<11}  failed: {row['failed']}")
@@ -670,12 +676,13 @@ def print_report(res: dict[str, Any], output: Path) -> None:
                   f"{fmt(row.get(k + 'proxy_util'), '.2f'):>11}"
                   f"{fmt(row.get(k + 'proxy_core_busy'), '.2f'):>9}"
                   f"{fmt(row.get(k + 'load_side_util'), '.2f'):>10}"
-                  f"{fmt(row.get(k + 'ttft_p50_ms'), '.2f'):>9}")
+                  f"{fmt(row.get(k + 'ttft_p50_ms'), '.2f'):>9}"
+                  f"{fmt(row.get(k + 'errors')):>7}{fmt(row.get(k + 'unfinished')):>8}")
     print(f"\nFixed load: {plan['fixed_chunks']} events {plan['fixed_interval_ms']:g} ms apart, "
           f"{plan['fixed_window']:g} s measured (ms; added = over direct)")
     print(f"{'target':<11}{'streams':>8}{'TTFT p50':>9}{'p99':>9}{'gap p99':>9}"
           f"{'+TTFT p50':>10}{'+p99':>9}{'+gap p99':>9}{'events/s':>9}{'proxy util':>11}"
-          f"{'cut off':>8}")
+          f"{'errors':>7}{'cut off':>8}")
     for target, row in ok_rows.items():
         for c in sorted(set(plan["fixed_streams"]) | set(plan["litellm_fixed_streams"])):
             k = f"fixed{c}_"
@@ -689,10 +696,10 @@ def print_report(res: dict[str, Any], output: Path) -> None:
                   f"{fmt(row.get(k + 'added_gap_p99_ms'), '.2f'):>9}"
                   f"{fmt(row.get(k + 'events_per_s')):>9}"
                   f"{fmt(row.get(k + 'proxy_util'), '.2f'):>11}"
-                  f"{fmt(row.get(k + 'unfinished')):>8}")
+                  f"{fmt(row.get(k + 'errors')):>7}{fmt(row.get(k + 'unfinished')):>8}")
     print("\nOpen streams (direct: the upstream's RSS)")
     print(f"{'target':<11}{'streams':>8}{'open':>6}{'RSS MB before':>14}{'while open':>11}"
-          f"{'KB/stream':>10}{'in_flight':>10}")
+          f"{'KB/stream':>10}{'in_flight':>10}{'errors':>7}")
     for target, row in ok_rows.items():
         if "open_streams" not in row:
             continue
@@ -700,7 +707,7 @@ def print_report(res: dict[str, Any], output: Path) -> None:
               f"{fmt(row['open_rss_mb_before'], '.1f'):>14}"
               f"{fmt(row['open_rss_mb_open'], '.1f'):>11}"
               f"{fmt(row['open_rss_kb_per_stream'], '.1f'):>10}"
-              f"{fmt(row.get('open_gateway_in_flight')):>10}")
+              f"{fmt(row.get('open_gateway_in_flight')):>10}{fmt(row.get('open_errors')):>7}")
     print("\nerrors: " + ", ".join(f"{t} {row['errors']}" for t, row in ok_rows.items()))
     print()
     for name, t in res["targets"].items():
