@@ -110,7 +110,16 @@ class Proc:
 
 
 def wait_ready(proc: Proc, url: str, timeout: float = 20.0) -> None:
-    """POST the bench body until it answers 200; fail fast with the log if the process died."""
+    """POST the bench body until it answers 200; fail fast with the log if the process died.
+    On failure the process is stopped here: the caller never got it to stop."""
+    try:
+        _wait_ready(proc, url, timeout)
+    except BaseException:
+        proc.stop()
+        raise
+
+
+def _wait_ready(proc: Proc, url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last = "no attempt"
     while time.monotonic() < deadline:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from contextvars import ContextVar
@@ -43,6 +44,19 @@ class TextFormatter(logging.Formatter):
     """The classic one-line format, with `` request_id=...`` appended when known (an
     access line has it in its message already)."""
 
+    _second = -1
+    _stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """``logging``'s own format, its strftime done once per second, not per line."""
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime(self.default_time_format, self.converter(record.created))
+        return self.default_msec_format % (self._stamp, record.msecs)
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         rid = getattr(record, "request_id", None)
@@ -72,6 +86,54 @@ def _iso(created: float) -> str:
         f".{int(created % 1 * 1000):03d}Z"
 
 
+class BatchedStreamHandler(logging.StreamHandler):
+    """For the access log: lines are written in batches (at most every ``interval_s``,
+    or at once past ``batch`` lines), not one write syscall per request. A line reaches
+    the stream at most ``interval_s`` late; ``flush()`` (and logging's shutdown) writes
+    whatever is pending."""
+
+    def __init__(self, stream, interval_s: float = 0.2, batch: int = 256) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._batch = batch
+        self._thread = threading.Thread(target=self._run, args=(interval_s,),
+                                        name="access-log-flush", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._pending.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if len(self._pending) >= self._batch:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        self.acquire()
+        try:
+            self.stream.write("\n".join(pending) + "\n")
+            self.stream.flush()
+        except Exception:
+            pass
+        finally:
+            self.release()
+
+    def _run(self, interval_s: float) -> None:
+        while True:
+            time.sleep(interval_s)
+            self.flush()
+
+    def close(self) -> None:
+        """Write what is pending. The flusher keeps running: Sanic's logging set-up
+        (``dictConfig``) closes every handler that exists, then keeps using this one."""
+        self.flush()
+        super().close()
+
+
 def configure_logging(fmt: str) -> None:
     """Give every root handler the chosen formatter and the request-id filter (call
     after ``logging.basicConfig``, and again once the Sanic app exists); in JSON mode
@@ -84,6 +146,17 @@ def configure_logging(fmt: str) -> None:
         handler.setFormatter(formatter)
         if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
             handler.addFilter(RequestIdFilter())
+    access = logging.getLogger("vllm_gateway.access")
+    stream = next((h.stream for h in root.handlers if isinstance(h, logging.StreamHandler)),
+                  None)
+    batched = next((h for h in access.handlers if isinstance(h, BatchedStreamHandler)), None)
+    if stream is not None and batched is None:
+        batched = BatchedStreamHandler(stream)
+        batched.addFilter(RequestIdFilter())
+        access.addHandler(batched)
+        access.propagate = False  # its lines go out in batches, not through root's handler
+    if batched is not None:
+        batched.setFormatter(formatter)
     if fmt == "json":
         for name in SANIC_LOGGERS:
             logger = logging.getLogger(name)
