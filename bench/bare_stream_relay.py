@@ -7,13 +7,16 @@ cap), the request body forwarded as is, the upstream's status and Content-Type s
 ``UpstreamResponse.chunks``). No admission, metrics, usage parsing, renaming, hooks or
 header filtering: whatever the gateway spends per stream or per chunk beyond this is its
 own. Sanic's own limits are lifted as the gateway lifts them (no response timeout, a
-long keep-alive), so both hold the same streams.
+long keep-alive), so both hold the same streams, and it tunes the garbage collector as
+``vllm-gateway serve`` does (gateway/cli.py ``_tune_gc``: ``gc.freeze()`` once serving,
+young collections every 50,000 allocations), so the comparison is of the request path.
 
     python bench/bare_stream_relay.py --port 18092 --upstream http://127.0.0.1:18090
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 
 from sanic import Sanic
@@ -35,6 +38,12 @@ def build_app(upstream: str) -> Sanic:
 
         app.ctx.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, trust_env=False)
+
+    @app.after_server_start
+    async def _tune_gc(app: Sanic) -> None:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
 
     @app.after_server_stop
     async def _close(app: Sanic) -> None:

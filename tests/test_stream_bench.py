@@ -60,8 +60,8 @@ def test_stream_bench_quick(tmp_path):
     gw = table["gateway"]
     assert gw["open_gateway_in_flight"] == plan["open_streams"], gw
     checks = res["gateway_status_checks"]  # one after every gateway run
-    runs = [f"{r['kind']} {r['streams']}" for r in res["runs"]
-            if r["target"] == "gateway" and r["kind"] != "rss"]
+    runs = [f"{r['kind']} {r['streams']}" + (f" round {r['round']}" if "round" in r else "")
+            for r in res["runs"] if r["target"] == "gateway" and r["kind"] != "rss"]
     assert [c["after"] for c in checks] == runs, (checks, runs)
     assert all(c["clean"] for c in checks), checks
 
