@@ -346,31 +346,32 @@ class Forwarder:
         ex.status = upstream.status
         out = await ex.request.respond(response)
         ex.streaming = True
-        first = True
         recent: deque[bytes] = deque(maxlen=3)  # where the usage event is, split or not
         renamer = ex.renamer  # None when the names agree: the loop then does no extra work
+        strip_usage = ex.strip_usage
+        read, send, remember = upstream.read_any, out.send, recent.append
         try:
-            async for chunk in upstream.chunks():
-                if first:
-                    self.metrics.child(self.metrics.ttft, ex.runtime.name).observe(
-                        time.perf_counter() - ex.started)
-                    first = False
+            chunk = await read()
+            if chunk:
+                self.metrics.child(self.metrics.ttft, ex.runtime.name).observe(
+                    time.perf_counter() - ex.started)
+            # One event per pass, as it arrives: nothing here may wait but the read
+            # and the send (which waits only while the client is slower than vLLM).
+            while chunk:
                 if renamer is not None:
                     chunk = renamer.feed(chunk)
-                    if not chunk:
-                        continue
-                if ex.strip_usage and b'"choices":[]' in chunk:
+                if strip_usage and b'"choices":[]' in chunk:
                     chunk, usage = _strip_usage_events(chunk)
                     ex.usage = usage or ex.usage
-                    if not chunk:
-                        continue
-                recent.append(chunk)
-                await out.send(chunk)  # no await inside while the client keeps up
-                if b"data: [DONE]" in chunk:
-                    # Counted now: the client may close (and the handler be cancelled)
-                    # the moment it has [DONE].
-                    ex.usage = _usage_from_sse(b"".join(recent)) or ex.usage
-                    ex.completed = True
+                if chunk:
+                    remember(chunk)
+                    await send(chunk)
+                    if b"data: [DONE]" in chunk:
+                        # Counted now: the client may close (and the handler be cancelled)
+                        # the moment it has [DONE].
+                        ex.usage = _usage_from_sse(b"".join(recent)) or ex.usage
+                        ex.completed = True
+                chunk = await read()
         except UpstreamFailure as failure:
             if ex.abort_reason:
                 await self._end_stream(ex, out, ex.abort_message or "the gateway is shutting down",

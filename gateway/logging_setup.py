@@ -7,6 +7,7 @@ line written while serving a request carries the id without being passed it.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import re
@@ -99,6 +100,8 @@ class BatchedStreamHandler(logging.StreamHandler):
         self._thread = threading.Thread(target=self._run, args=(interval_s,),
                                         name="access-log-flush", daemon=True)
         self._thread.start()
+        # Not left to logging.shutdown: Sanic's dictConfig drops handlers from its list.
+        atexit.register(self.flush)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
