@@ -7,7 +7,7 @@ instead (LiteLLM). In one run, with the same upstream and the same load generato
 
 1. **upstream** (bench/sse_upstream.py): a raw uvloop protocol server streaming
    OpenAI ``chat.completion.chunk`` events at the pace each request asks for;
-2. targets, one at a time: ``direct`` (the upstream itself), ``bare-relay``
+2. targets: ``direct`` (the upstream itself), ``bare-relay``
    (bench/bare_stream_relay.py: Sanic + aiohttp, relaying chunk by chunk: the limit of
    our stack), ``gateway`` (``vllm-gateway serve``, one ``static`` model on the upstream)
    and ``litellm`` (its proxy, one worker, an ``openai/`` model on the upstream, from
