@@ -349,6 +349,7 @@ class Forwarder:
         recent: deque[bytes] = deque(maxlen=3)  # where the usage event is, split or not
         renamer = ex.renamer  # None when the names agree: the loop then does no extra work
         strip_usage = ex.strip_usage
+        upstream.watch_reads(self.settings.upstream.timeout_s)
         read, send, remember = upstream.read_any, out.send, recent.append
         try:
             chunk = await read()

@@ -71,11 +71,42 @@ def classify(exc: BaseException, pool_was_full: bool = False) -> UpstreamFailure
 class UpstreamResponse:
     """A model server's answer, headers read, body not yet: read it whole or in chunks."""
 
-    __slots__ = ("_resp", "status")
+    __slots__ = ("_resp", "status", "_loop", "_timeout_s", "_last", "_watch", "_timed_out")
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
         self.status = resp.status
+        self._watch: asyncio.TimerHandle | None = None
+        self._timed_out = False
+
+    def watch_reads(self, timeout_s: float) -> None:
+        """For a stream: keep the read timeout (no byte for ``timeout_s``) with one lazy
+        timer instead of aiohttp's, which is cancelled and re-made on every chunk (a
+        tenth of the relay's time per event). Each read only notes the time; the timer,
+        when it fires, re-arms itself for the last read's deadline or ends the stream."""
+        connection = self._resp.connection
+        protocol = connection.protocol if connection is not None else None
+        if protocol is None or timeout_s <= 0:
+            return
+        protocol.read_timeout = None  # its pending timer goes at the next chunk
+        self._loop = asyncio.get_running_loop()
+        self._timeout_s = timeout_s
+        self._last = self._loop.time()
+        self._watch = self._loop.call_at(self._last + timeout_s, self._check_reads)
+
+    def _check_reads(self) -> None:
+        due = self._last + self._timeout_s
+        if self._loop.time() < due:
+            self._watch = self._loop.call_at(due, self._check_reads)
+            return
+        self._watch = None
+        self._timed_out = True
+        self._resp.close()  # the pending read fails; read_any says why
+
+    def _unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
     def header_items(self) -> Iterable[tuple[str, str]]:
         """Every header as sent, repeats kept (two Set-Cookie stay two)."""
@@ -98,11 +129,23 @@ class UpstreamResponse:
         ``UpstreamFailure``. The stream relay's loop calls it once per chunk: a plain
         coroutine costs less there than stepping an async generator."""
         try:
-            return await self._resp.content.readany()
+            chunk = await self._resp.content.readany()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
+            if self._timed_out:
+                raise UpstreamFailure("read_timeout", f"no data for {self._timeout_s:g}s "
+                                      "while streaming") from None
             raise classify(exc) from None
+        if self._watch is not None:
+            if chunk:
+                self._last = self._loop.time()
+            else:
+                self._unwatch()
+        elif self._timed_out:  # closed by the watch and read as a clean end: it was not
+            raise UpstreamFailure("read_timeout", f"no data for {self._timeout_s:g}s "
+                                  "while streaming")
+        return chunk
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive; failures surface as ``UpstreamFailure``."""
@@ -120,10 +163,12 @@ class UpstreamResponse:
 
     def abort(self) -> None:
         """Close the connection at once (unblocks a pending read)."""
+        self._unwatch()
         self._resp.close()
 
     def release(self) -> None:
         """Done with it: a fully read connection returns to the pool, others are closed."""
+        self._unwatch()
         resp = self._resp
         if resp.content.is_eof():
             resp.release()

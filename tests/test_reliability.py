@@ -323,7 +323,7 @@ class RawUpstreams:
     """Tiny asyncio TCP servers, one per misbehaviour, on a thread of their own.
     ``posts[behaviour]`` counts POST requests each has read."""
 
-    BEHAVIOURS = ("nonhttp", "bighdr", "trunc", "reset", "hang", "big")
+    BEHAVIOURS = ("nonhttp", "bighdr", "trunc", "reset", "hang", "big", "slowsse", "stallsse")
 
     def __init__(self) -> None:
         self.ports: dict[str, int] = {}
@@ -372,6 +372,22 @@ class RawUpstreams:
                 return
             elif behaviour == "hang":
                 await asyncio.wait_for(reader.read(), 30)  # until the gateway gives up
+            elif behaviour in ("slowsse", "stallsse"):
+                # An event every 0.5 s (slowsse: 6 then [DONE], 3 s in all, longer than
+                # the read timeout but no gap as long); stallsse: 2, then nothing.
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n")
+                for i in range(6 if behaviour == "slowsse" else 2):
+                    event = (b'data: {"id":"s","object":"chat.completion.chunk","choices":'
+                             b'[{"index":0,"delta":{"content":"t%d"}}]}\n\n' % i)
+                    writer.write(b"%x\r\n%b\r\n" % (len(event), event))
+                    await writer.drain()
+                    await asyncio.sleep(0.5)
+                if behaviour == "stallsse":
+                    await asyncio.wait_for(reader.read(), 30)  # until the gateway gives up
+                else:
+                    done = b"data: [DONE]\n\n"
+                    writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
             elif behaviour == "big":
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                              b"connection: close\r\n"
@@ -485,7 +501,7 @@ def gw(sim, embed_sim, raw_upstreams, tmp_path_factory):
             {"name": "hooked", **static},
             {"name": "dead", "backend": "static", "url": f"http://127.0.0.1:{free_port()}"},
             *({"name": f"g-{b}", "backend": "static", "url": raw_upstreams.url(b)}
-              for b in ("nonhttp", "bighdr", "trunc", "reset", "hang")),
+              for b in ("nonhttp", "bighdr", "trunc", "reset", "hang", "slowsse", "stallsse")),
             {"name": "cold", "backend": "process", "command": sim_command(*FAST)},
         ],
     }
@@ -721,6 +737,36 @@ async def test_stream_broken_by_upstream_ends_with_sse_error_event(gw):
     assert last.startswith("data: {"), events
     openai_error(last[len("data: "):], "stream break")
     assert gw.metric("gateway_upstream_errors_total", model=HEALTHY) > errors_before
+    assert_invariants(gw)
+
+
+async def test_stream_read_timeout_is_the_gap_between_events_not_the_whole_stream(gw):
+    """upstream.timeout_s (1.5 s here) bounds the silence between a stream's bytes: a
+    stream 3 s long with an event every 0.5 s completes; one that goes silent ends with
+    an SSE error event (read_timeout) about that long after its last byte."""
+    async def stream(model: str) -> tuple[list[str], float]:
+        body = {"model": model, "messages": CHAT, "stream": True}
+        async with httpx.AsyncClient(timeout=20, trust_env=False) as client:
+            started = time.monotonic()
+            async with client.stream("POST", f"{gw.url}/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                raw = await asyncio.wait_for(r.aread(), 20)
+        return [e for e in raw.decode().split("\n\n") if e.strip()], time.monotonic() - started
+
+    timeouts_before = gw.metric("gateway_upstream_errors_total", model="g-stallsse",
+                                kind="read_timeout")
+    events, took = await stream("g-slowsse")
+    assert events[-1] == "data: [DONE]" and len(events) == 7, events
+    assert took >= 2.5
+    events, took = await stream("g-stallsse")
+    assert "data: [DONE]" not in events and len(events) == 3, events
+    err = openai_error(events[-1][len("data: "):], "stall")
+    assert "read_timeout" in err["message"]
+    # Its last byte comes at 0.5 s; the stream ends one timeout after (lazily re-armed:
+    # at most one more timeout late).
+    assert 0.5 + UPSTREAM_TIMEOUT_S - 0.1 <= took < 0.5 + 2 * UPSTREAM_TIMEOUT_S + 1
+    assert gw.metric("gateway_upstream_errors_total", model="g-stallsse",
+                     kind="read_timeout") == timeouts_before + 1
     assert_invariants(gw)
 
 
