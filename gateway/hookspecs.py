@@ -126,6 +126,18 @@ def read_vram() -> VramReading | None:
     """
 
 
+@hookspec(firstresult=True)
+def limit_store(settings: Any) -> Any:
+    """Where per-key limiter state lives: return an object with ``LimitStore``'s methods
+    (gateway/ratelimit.py: ``acquire``, ``settle``, ``used_today``, ``tokens_left``,
+    ``forget_except``); ``acquire`` and ``settle`` may return awaitables, so a store
+    shared by several gateways (Redis, one Lua script per call) fits here.
+
+    Called once while the gateway is built. Built-in (None from every plugin): the
+    in-process store. Stops at first non-None; sync only.
+    """
+
+
 SYNC_ONLY_HOOKS = ("register_backends", "select_backend", "select_evictions", "decide_retry",
-                   "read_vram")
+                   "read_vram", "limit_store")
 ASYNC_CAPABLE_HOOKS = ("startup", "shutdown", "admit_request")

@@ -51,7 +51,7 @@ class Gateway:
         self.tracing = tracing
         self.forwarder = Forwarder(settings, hooks, fleet, metrics, tracing)
         self.reader = RequestReader(settings.limits, PathPolicy(settings.upstream.extra_paths))
-        self.tenancy = Tenancy(settings.auth)
+        self.tenancy = Tenancy(settings.auth, hooks.first("limit_store", settings=settings))
         self.cors = CorsPolicy(settings.cors)
         metrics.init_keys(self.tenancy.names)
         metrics.attach_keys(self.tenancy.status)
@@ -115,7 +115,7 @@ class Gateway:
                 status = 403
                 self._count_key_rejection(rt.name, key_label, "model_not_allowed")
                 return self.tenancy.not_allowed(tenant, intake.model)
-            grant = self.tenancy.acquire(tenant, intake.payload, len(intake.body))
+            grant = await self.tenancy.acquire(tenant, intake.payload, len(intake.body))
             if isinstance(grant, Refusal):
                 status = 429
                 self._count_key_rejection(rt.name, key_label, grant.code)

@@ -7,6 +7,9 @@ count) is ``ModelAdmission``'s; this module only hands it the tenant and its loa
 """
 from __future__ import annotations
 
+import asyncio
+import inspect
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,12 +21,13 @@ from gateway.errors import error_response
 from gateway.keys import ANONYMOUS, Identity, Keyring, Tenant
 from gateway.ratelimit import Grant, LimitStore, Refusal, estimate_tokens
 
-ADMIN_PREFIX = "admin:"
+log = logging.getLogger("vllm_gateway.tenancy")
 
 
 class Tenancy:
-    def __init__(self, auth: Auth, store: LimitStore | None = None) -> None:
-        self.store = store or LimitStore()
+    def __init__(self, auth: Auth, store: Any = None) -> None:
+        self.store = store if store is not None else LimitStore()  # the limit_store hook's
+        self._settling: set[asyncio.Task[Any]] = set()
         self.loads: dict[str, KeyLoad] = {}
         self.keyring = Keyring(auth)
         self._admin_tenants: dict[str, Tenant] = {}
@@ -80,12 +84,13 @@ class Tenancy:
 
     # ------------------------------------------------------------------ limits
 
-    def acquire(self, tenant: Tenant, payload: dict[str, Any], body_bytes: int
-                ) -> Grant | Refusal | None:
+    async def acquire(self, tenant: Tenant, payload: dict[str, Any], body_bytes: int
+                      ) -> Grant | Refusal | None:
         """Reserve this request against the key's limits; None when it has none."""
         if tenant.rpm is None and tenant.tpm is None and tenant.tokens_per_day is None:
             return None
-        return self.store.acquire(tenant, estimate_tokens(payload, body_bytes))
+        result = self.store.acquire(tenant, estimate_tokens(payload, body_bytes))
+        return await result if inspect.isawaitable(result) else result
 
     def settle(self, grant: Grant | None, usage: Mapping[str, Any] | None, sent: bool,
                answered: bool) -> None:
@@ -103,7 +108,16 @@ class Tenancy:
             used = total if isinstance(total, int) and total >= 0 else None
         if used is None and not answered:
             used = 0
-        self.store.settle(grant, used, sent)
+        result = self.store.settle(grant, used, sent)
+        if inspect.isawaitable(result):  # a shared store: settled in the background
+            task = asyncio.ensure_future(result)
+            self._settling.add(task)
+            task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[Any]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("limit store: settling a request failed: %s", task.exception())
 
     @staticmethod
     def refused(refusal: Refusal, extra: Mapping[str, str]) -> HTTPResponse:

@@ -576,6 +576,7 @@ SYNC_SIGNATURES = {
     "select_evictions": "async def select_evictions(request): pass",
     "decide_retry": "async def decide_retry(outcome, settings): pass",
     "read_vram": "async def read_vram(): pass",
+    "limit_store": "async def limit_store(settings): pass",
 }
 
 

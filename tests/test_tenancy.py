@@ -504,3 +504,52 @@ def test_keys_file_is_reread_on_reload(tmp_path, sims):
                    what="the new key")
         assert post(g, "team-a", model="m").status_code == 401
         assert post(g, "team-b", model="m").headers["x-ratelimit-limit-requests"] == "100"
+
+
+def test_hook_limit_store():
+    """A plugin's store holds the limits (here an async one, as a shared store's would
+    be): the gateway awaits its acquire and settles through it."""
+    from inproc import running_gateway
+
+    from gateway import hookimpl
+    from gateway.ratelimit import LimitStore
+
+    calls: list[str] = []
+
+    class AsyncStore(LimitStore):
+        async def acquire(self, tenant, estimate):
+            calls.append(f"acquire {tenant.name}")
+            return super().acquire(tenant, estimate)
+
+        async def settle(self, grant, used, served):
+            calls.append(f"settle {grant.tenant.name} {used}")
+            super().settle(grant, used, served)
+
+    class Plugin:
+        @hookimpl
+        def limit_store(self, settings):
+            assert settings.auth.keys[0].name == "team-r"
+            return AsyncStore()
+
+    async def scenario():
+        with start_simulator("t-chat", ttft_ms=0, itl_ms=0) as sim:
+            cfg = {"auth": {"keys": [key_entry("team-r", rpm=2)]},
+                   "models": [{"name": "m", "backend": "static", "url": sim.url,
+                               "served_model_name": "t-chat"}]}
+            async with running_gateway(cfg, extra_plugins=[("store", Plugin())]) as (url, _):
+                async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
+                    codes = []
+                    for _ in range(3):
+                        r = await http.post(f"{url}/v1/chat/completions", json={
+                            "model": "m", "messages": CHAT, "max_tokens": 2},
+                            headers={"authorization": f"Bearer {KEYS['team-r']}"})
+                        codes.append(r.status_code)
+                    for _ in range(50):
+                        if sum(c.startswith("settle") for c in calls) == 2:
+                            break
+                        await asyncio.sleep(0.02)
+                    return codes
+
+    assert asyncio.run(scenario()) == [200, 200, 429]
+    assert calls.count("acquire team-r") == 3
+    assert sum(c.startswith("settle team-r") for c in calls) == 2  # the refused one: none
