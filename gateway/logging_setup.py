@@ -144,6 +144,13 @@ def configure_logging(fmt: str) -> None:
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=logging.INFO)
+    # The logging HOWTO's "Optimization" knobs: no format here shows the caller, thread or
+    # process, so each record need not walk the stack or ask for them (the access log
+    # writes one record per request).
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT)
     for handler in root.handlers:
         handler.setFormatter(formatter)
