@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sanic.compat import Header
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
@@ -304,12 +305,13 @@ class Forwarder:
 
     def _client_response(self, ex: Exchange, upstream: UpstreamResponse,
                          body: bytes | None) -> RawResponse:
-        response = RawResponse(body, status=upstream.status, content_type=content_type(upstream))
-        for k, v in response_header_items(upstream):
-            response.headers.add(k, v)
-        for k, v in ex.extra_headers.items():
-            response.headers[k] = v
-        return response
+        extra = ex.extra_headers
+        ours = {k.lower() for k in extra}  # the gateway's own win over the upstream's
+        pairs = [(k, v) for k, v in response_header_items(upstream) if k.lower() not in ours]
+        pairs += extra.items()
+        # One multidict built from the list, not a Python-level insert per header.
+        return RawResponse(body, status=upstream.status, headers=Header(pairs),
+                           content_type=content_type(upstream))
 
     async def _pass_through(self, ex: Exchange, upstream: UpstreamResponse,
                             head: bytes) -> None:

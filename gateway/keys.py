@@ -75,8 +75,13 @@ class Keyring:
         self.anonymous = Tenant(ANONYMOUS, band=bands[default][0], band_name=default,
                                 queue_share=bands[default][1])
         self.tenants = {k.name: _tenant(k, bands, default) for k in auth.keys}
-        self._clients = [(k.sha256, self.tenants[k.name]) for k in auth.keys if k.sha256]
-        self._admins = [(k.sha256, k.name) for k in auth.admin_keys if k.sha256]
+        # (digest bytes, tenant, admin name): every configured key, compared in one pass.
+        self._digests = [(bytes.fromhex(k.sha256), self.tenants[k.name], None)
+                         for k in auth.keys if k.sha256]
+        self._digests += [(bytes.fromhex(k.sha256), None, k.name)
+                          for k in auth.admin_keys if k.sha256]
+        self._clients = any(t is not None for _, t, _ in self._digests)
+        self._admins = any(a is not None for _, _, a in self._digests)
         self.protect = frozenset(auth.protect)
 
     @property
@@ -105,14 +110,11 @@ class Keyring:
         return Identity(tenant, admin, presented=True)
 
     def _match(self, key: str) -> tuple[Tenant | None, str | None]:
-        d = hashlib.sha256(key.encode()).hexdigest().encode()
+        d = hashlib.sha256(key.encode()).digest()
         tenant = admin = None
-        for stored, t in self._clients:  # every digest compared: no early exit
-            if hmac.compare_digest(stored.encode(), d):
-                tenant = t
-        for stored, name in self._admins:
-            if hmac.compare_digest(stored.encode(), d):
-                admin = name
+        for stored, t, name in self._digests:  # every digest compared: no early exit
+            if hmac.compare_digest(stored, d):
+                tenant, admin = t or tenant, name or admin
         return tenant, admin
 
     def visible_models(self, tenant: Tenant | None, names: list[str]) -> list[str]:

@@ -19,7 +19,7 @@ from gateway.config import Settings
 from gateway.cors import CorsPolicy
 from gateway.errors import error_response
 from gateway.fleet import Fleet
-from gateway.forward import Exchange, Forwarder
+from gateway.forward import Exchange, Forwarder, RawResponse
 from gateway.intake import Intake, RequestReader
 from gateway.lifecycle import ModelRuntime, StartFailed
 from gateway.logging_setup import REQUEST_ID, request_id
@@ -74,8 +74,8 @@ class Gateway:
             REQUEST_ID.reset(token)
         if response is not None:
             response.headers["X-Request-ID"] = rid
-            if answer_headers:
-                response.headers.update(answer_headers)
+            if answer_headers and not isinstance(response, RawResponse):
+                response.headers.update(answer_headers)  # forwarded answers have them
         return response
 
     async def _handle(self, request: Request, rid: str,

@@ -36,6 +36,7 @@ class KeyUsage:
     tokens: float | None = None  # bucket level; None = full (not yet used)
     tokens_at: float = 0.0
     day: int = -1
+    day_ends: float = 0.0  # wall time the day rolls at
     used_today: int = 0
 
 
@@ -103,7 +104,8 @@ class LimitStore:
         level = None
         if tenant.tpm is not None:
             level = self._level(u, tenant.tpm, now)
-            headers.update(_token_headers(tenant.tpm, level, now))
+            if refusal is not None or estimate > level or level <= 0:
+                headers.update(_token_headers(tenant.tpm, level, now))
             if refusal is None and (estimate > level or level <= 0):
                 rate = tenant.tpm / MINUTE_S
                 if estimate > tenant.tpm:
@@ -120,7 +122,8 @@ class LimitStore:
         if tenant.tokens_per_day is not None:
             self._roll_day(u, wall)
             left = tenant.tokens_per_day - u.used_today
-            headers["x-gateway-budget-remaining-tokens"] = str(max(0, left))
+            if refusal is not None or left <= 0 or estimate > left:
+                headers["x-gateway-budget-remaining-tokens"] = str(max(0, left))
             if refusal is None and (left <= 0 or estimate > left):
                 until = (u.day + 1) * DAY_S - wall
                 refusal = Refusal("insufficient_quota",
@@ -186,9 +189,11 @@ class LimitStore:
 
     @staticmethod
     def _roll_day(u: KeyUsage, wall: float) -> None:
-        day = int(wall // DAY_S)
-        if day != u.day:
-            u.day, u.used_today = day, 0
+        if wall >= u.day_ends or wall < u.day_ends - DAY_S:  # a new day (or a clock step)
+            day = int(wall // DAY_S)
+            if day != u.day:
+                u.day, u.used_today = day, 0
+            u.day_ends = (day + 1) * DAY_S
 
 
 def estimate_tokens(payload: dict, body_bytes: int) -> int:
