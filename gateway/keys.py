@@ -95,8 +95,8 @@ class Keyring:
             return Identity(self.anonymous)
         key, problem = presented_key(headers)
         if problem:
-            if not self._clients and not self._admins:  # open: the header is not ours
-                return Identity(self.anonymous, presented=True)
+            if not self._clients:  # clients are open: the header is not ours to judge
+                return Identity(self.anonymous, presented=True, problem=problem)
             return Identity(presented=True, problem=problem)
         if key is None:
             if self.allow_anonymous:

@@ -79,3 +79,17 @@ def test_client_keys_without_admin_keys_lock_the_admin_routes():
     assert refused is not None and refused.status == 403
     refused = admin_refusal(request(auth=auth))
     assert refused is not None and b"auth.admin_keys" in refused.body
+
+
+def test_admin_keys_alone_lock_the_admin_routes_and_leave_clients_open():
+    """Only admin keys: clients need none (whatever they send is not judged), admin
+    routes need the admin key."""
+    from gateway.tenancy import Tenancy as T
+
+    auth = {"admin_keys": KEYS["admin_keys"]}
+    for headers in ({}, {"authorization": "Basic eA=="}, {"authorization": "Bearer nope-0000"}):
+        req = request(auth=auth, **headers)
+        assert T(req.app.ctx.gateway.settings.auth).identify(req.headers).tenant.name == "anonymous"
+        refused = admin_refusal(req)
+        assert refused is not None and refused.status == 401, headers
+    assert admin_refusal(request(auth=auth, authorization="Bearer sk-ops-000000")) is None
