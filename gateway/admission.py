@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from gateway.keys import Tenant
+from gateway.keys import ANONYMOUS, Tenant
 
 
 class QueueFull(Exception):
@@ -67,7 +67,7 @@ class _Waiter:
             fut, key, band, weight, load, seq)
 
 
-_ANONYMOUS = Tenant("anonymous")
+_ANONYMOUS = Tenant(ANONYMOUS)  # requests given no tenant (tests, direct callers)
 
 
 class ModelAdmission:

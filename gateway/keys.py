@@ -117,11 +117,6 @@ class Keyring:
                 tenant, admin = t or tenant, name or admin
         return tenant, admin
 
-    def visible_models(self, tenant: Tenant | None, names: list[str]) -> list[str]:
-        if tenant is None:
-            return []
-        return [n for n in names if tenant.may_use(n)]
-
 
 def presented_key(headers: Mapping[str, str]) -> tuple[str | None, str]:
     """The key a request carries (Authorization: Bearer, api-key, x-api-key), or a

@@ -113,11 +113,13 @@ class BatchedStreamHandler(logging.StreamHandler):
             self.flush()
 
     def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
+        # Under the handler's lock, as emit() is (Handler.handle holds it): a line
+        # appended while the flusher thread swaps the list would otherwise be lost.
         self.acquire()
         try:
+            pending, self._pending = self._pending, []
+            if not pending:
+                return
             self.stream.write("\n".join(pending) + "\n")
             self.stream.flush()
         except Exception:

@@ -105,7 +105,7 @@ class LimitStore:
         if tenant.tpm is not None:
             level = self._level(u, tenant.tpm, now)
             if refusal is not None or estimate > level or level <= 0:
-                headers.update(_token_headers(tenant.tpm, level, now))
+                headers.update(_token_headers(tenant.tpm, level))
             if refusal is None and (estimate > level or level <= 0):
                 rate = tenant.tpm / MINUTE_S
                 if estimate > tenant.tpm:
@@ -138,7 +138,7 @@ class LimitStore:
             u.tat = new_tat
         if level is not None:
             u.tokens, u.tokens_at = level - estimate, now
-            headers.update(_token_headers(tenant.tpm or 0, level - estimate, now))
+            headers.update(_token_headers(tenant.tpm or 0, level - estimate))
         if tenant.tokens_per_day is not None:
             u.used_today += estimate
             headers["x-gateway-budget-remaining-tokens"] = str(
@@ -227,7 +227,7 @@ def _request_headers(rpm: int, remaining: int, reset_s: float) -> dict[str, str]
             "x-ratelimit-reset-requests": duration(reset_s)}
 
 
-def _token_headers(tpm: int, level: float, now: float) -> dict[str, str]:
+def _token_headers(tpm: int, level: float) -> dict[str, str]:
     missing = tpm - level
     return {"x-ratelimit-limit-tokens": str(tpm),
             "x-ratelimit-remaining-tokens": str(max(0, int(level))),

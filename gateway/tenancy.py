@@ -29,8 +29,8 @@ class Tenancy:
         self.store = store if store is not None else LimitStore()  # the limit_store hook's
         self._settling: set[asyncio.Task[Any]] = set()
         self.loads: dict[str, KeyLoad] = {}
-        self.keyring = Keyring(auth)
-        self._admin_tenants: dict[str, Tenant] = {}
+        self.keyring: Keyring
+        self._admin_tenants: dict[str, Tenant]
         self.reconfigure(auth)
 
     def reconfigure(self, auth: Auth) -> None:
@@ -68,9 +68,6 @@ class Tenancy:
         if identity.tenant is None and identity.admin is not None:
             return Identity(self._admin_tenants[identity.admin], identity.admin, True)
         return identity
-
-    def is_admin(self, headers: Mapping[str, str]) -> bool:
-        return self.keyring.identify(headers).admin is not None
 
     @staticmethod
     def unauthorized(identity: Identity) -> HTTPResponse:

@@ -39,13 +39,14 @@ async def ready(request: Request) -> HTTPResponse:
 async def status(request: Request) -> HTTPResponse:
     """Models, totals and keys. Without an admin key (once keys exist) upstream URLs and
     the internals of errors are left out: they are for operators."""
-    refused = read_refusal(request, "status")
+    gw = request.app.ctx.gateway
+    identity = gw.tenancy.identify(request.headers)
+    refused = read_refusal(request, "status", identity)
     if refused is not None:
         return refused
-    gw = request.app.ctx.gateway
     fleet = gw.fleet
     models = {name: rt.status() for name, rt in fleet.runtimes.items()}
-    operator = is_admin(request)
+    operator = is_admin(request, identity)
     if not operator:
         for m in models.values():
             m["urls"] = []

@@ -11,6 +11,7 @@ from sanic.request import Request
 from sanic.response import HTTPResponse
 
 from gateway.errors import error_response
+from gateway.keys import Identity
 
 
 def admin_refusal(request: Request) -> HTTPResponse | None:
@@ -66,22 +67,24 @@ def _cross_site(request: Request) -> str:
     return ""
 
 
-def read_refusal(request: Request, what: str) -> HTTPResponse | None:
+def read_refusal(request: Request, what: str,
+                 identity: Identity | None = None) -> HTTPResponse | None:
     """None when ``what`` (a read endpoint named in ``auth.protect``) may be read: any
-    valid key, client or admin, when it is protected; anyone otherwise."""
+    valid key, client or admin, when it is protected; anyone otherwise. ``identity``:
+    the caller's, when the route has read it already."""
     tenancy = request.app.ctx.gateway.tenancy
     if what not in tenancy.keyring.protect or not tenancy.enabled:
         return None
-    identity = tenancy.identify(request.headers)
+    identity = identity or tenancy.identify(request.headers)
     if identity.presented and (identity.tenant is not None or identity.admin is not None):
         return None
     return tenancy.unauthorized(identity)
 
 
-def is_admin(request: Request) -> bool:
+def is_admin(request: Request, identity: Identity | None = None) -> bool:
     """Whether the caller may see internals (upstream URLs, errors): an admin key, or,
     with no keys configured, whoever may call the admin routes."""
     tenancy = request.app.ctx.gateway.tenancy
     if tenancy.enabled:
-        return tenancy.is_admin(request.headers)
+        return (identity or tenancy.identify(request.headers)).admin is not None
     return admin_refusal(request) is None

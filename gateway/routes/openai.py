@@ -18,6 +18,7 @@ from gateway.errors import error_response
 from gateway.keys import Tenant
 from gateway.lifecycle import ModelRuntime
 from gateway.logging_setup import request_id
+from gateway.routes.guard import read_refusal
 
 openai_api = Blueprint("openai_api")
 
@@ -66,10 +67,10 @@ def _caller(request: Request) -> tuple[Tenant | None, HTTPResponse | None]:
     makes even an anonymous-allowed gateway require a key here)."""
     tenancy = request.app.ctx.gateway.tenancy
     identity = tenancy.identify(request.headers)
-    if identity.tenant is None or ("models" in tenancy.keyring.protect and tenancy.enabled
-                                   and not identity.presented):
-        return None, tenancy.unauthorized(identity)
-    return identity.tenant, None
+    refused = read_refusal(request, "models", identity)
+    if refused is None and identity.tenant is None:
+        refused = tenancy.unauthorized(identity)
+    return (None, refused) if refused is not None else (identity.tenant, None)
 
 
 @openai_api.get("/v1/models")
