@@ -513,7 +513,9 @@ async def test_queue_full_retry_after_comes_from_the_drain_rate(gw, names):
     assert refused, [r.status_code for r in burst]
     assert error_of(refused[0])["code"] == "queue_full"
     retry = int(refused[0].headers["Retry-After"])
-    assert 2 <= retry <= 8, retry
+    # About 3 here; a loaded machine drains slower and says so (11 was seen in CI). The
+    # lower bound is what separates a measured rate from the old constant 1.
+    assert 2 <= retry <= 20, retry
     assert all(r.status_code == 200 for r in rest)
     assert_settled(gw, name)
 
