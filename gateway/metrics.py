@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.loop_metrics import LoopCounter, LoopHistogram
+
 MIB = 1024 * 1024
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
                    60, 120, 300, 600)
@@ -161,19 +163,30 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         r = self.registry
-        self.requests = Counter("gateway_requests", "Requests answered, by status code.",
-                                ["model", "endpoint", "code"], registry=r)
-        self.request_duration = Histogram("gateway_request_duration_seconds",
-                                          "Arrival to last byte.", ["model", "endpoint"],
-                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("gateway_queue_wait_seconds", "Time spent waiting for a slot.",
-                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("gateway_time_to_first_token_seconds",
-                              "Arrival to first streamed byte sent to the client.", ["model"],
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.upstream_duration = Histogram("gateway_upstream_duration_seconds",
-                                           "One upstream attempt, send to last byte.", ["model"],
-                                           buckets=LATENCY_BUCKETS, registry=r)
+        # Updated on every request, on the event loop's thread: plain numbers (loop_metrics).
+        self.requests = LoopCounter("gateway_requests", "Requests answered, by status code.",
+                                    ["model", "endpoint", "code"], r)
+        self.request_duration = LoopHistogram("gateway_request_duration_seconds",
+                                              "Arrival to last byte.", ["model", "endpoint"], r,
+                                              LATENCY_BUCKETS)
+        self.queue_wait = LoopHistogram("gateway_queue_wait_seconds",
+                                        "Time spent waiting for a slot.", ["model"], r,
+                                        LATENCY_BUCKETS)
+        self.ttft = LoopHistogram("gateway_time_to_first_token_seconds",
+                                  "Arrival to first streamed byte sent to the client.", ["model"],
+                                  r, LATENCY_BUCKETS)
+        self.upstream_duration = LoopHistogram("gateway_upstream_duration_seconds",
+                                               "One upstream attempt, send to last byte.",
+                                               ["model"], r, LATENCY_BUCKETS)
+        self.tokens = LoopCounter("gateway_tokens", "Tokens from upstream usage reports.",
+                                  ["model", "type"], r)
+        self.key_requests = LoopCounter("gateway_key_requests", "Requests answered, per API key.",
+                                        ["key", "code"], r)
+        self.key_tokens = LoopCounter("gateway_key_tokens",
+                                      "Tokens used per API key (from usage).", ["key", "type"], r)
+        self.key_queue_wait = LoopHistogram("gateway_key_queue_wait_seconds",
+                                            "Time a key's requests waited for a slot.", ["key"],
+                                            r, LATENCY_BUCKETS)
         self.rejections = Counter("gateway_rejections", "Requests refused by the gateway.",
                                   ["model", "reason"], registry=r)
         self.fallbacks = Counter("gateway_fallbacks",
@@ -192,8 +205,6 @@ class GatewayMetrics:
                              registry=r)
         self.evictions = Counter("gateway_evictions", "Models stopped to make room.",
                                  ["model", "reason"], registry=r)
-        self.tokens = Counter("gateway_tokens", "Tokens from upstream usage reports.",
-                              ["model", "type"], registry=r)
         self.stream_errors = Counter("gateway_stream_errors",
                                      "Streams that broke after the first byte.", ["model"],
                                      registry=r)
@@ -205,16 +216,9 @@ class GatewayMetrics:
         self.plugin_errors = Counter("gateway_plugin_errors", "Hook implementations that raised.",
                                      ["hook", "plugin"], registry=r)
         # Per API key: label ``key`` holds configured key names only ("" = no valid key).
-        self.key_requests = Counter("gateway_key_requests", "Requests answered, per API key.",
-                                    ["key", "code"], registry=r)
-        self.key_tokens = Counter("gateway_key_tokens", "Tokens used per API key (from usage).",
-                                  ["key", "type"], registry=r)
         self.key_rejections = Counter("gateway_key_rejections",
                                       "Requests refused on a key's account, by reason.",
                                       ["key", "reason"], registry=r)
-        self.key_queue_wait = Histogram("gateway_key_queue_wait_seconds",
-                                        "Time a key's requests waited for a slot.", ["key"],
-                                        buckets=LATENCY_BUCKETS, registry=r)
         self.config_reloads = Counter("gateway_config_reloads",
                                       "Config reloads (SIGHUP, POST /gateway/reload) by result.",
                                       ["result"], registry=r)

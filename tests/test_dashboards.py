@@ -66,7 +66,8 @@ def _registry_text() -> str:
     # Labelled request-path metrics export no samples until a child exists; make one
     # child each so their label names show up in the exposition too.
     for attr in vars(m).values():
-        names = getattr(attr, "_labelnames", None)
+        # prometheus_client's metrics keep theirs in _labelnames, loop_metrics' in labelnames.
+        names = getattr(attr, "_labelnames", None) or getattr(attr, "labelnames", None)
         if names:
             attr.labels(*["x"] * len(names))
     return generate_latest(m.registry).decode()
