@@ -22,7 +22,7 @@ from gateway.fleet import Fleet
 from gateway.forward import Exchange, Forwarder, RawResponse
 from gateway.intake import Intake, RequestReader
 from gateway.lifecycle import ModelRuntime, StartFailed
-from gateway.logging_setup import REQUEST_ID, request_id
+from gateway.logging_setup import REQUEST_ID, AccessLog, request_id
 from gateway.metrics import REJECTION_REASONS, GatewayMetrics
 from gateway.paths import PathPolicy
 from gateway.plugins import HookRunner, PluginError
@@ -38,7 +38,7 @@ CLIENT_CLOSED = 499  # nginx's code for "client went away"; only ever a metric l
 # The gateway's own refusals a model's ``fallback_on`` can name.
 FALLBACK_ON = {"model_unavailable": "unavailable", "queue_full": "queue_full"}
 log = logging.getLogger("vllm_gateway.proxy")
-access_log = logging.getLogger("vllm_gateway.access")
+ACCESS = AccessLog()
 
 
 class Gateway:
@@ -149,7 +149,7 @@ class Gateway:
             self.metrics.child(self.metrics.key_requests, key_label, str(status)).inc()
             self.metrics.child(self.metrics.request_duration, model_label, endpoint).observe(
                 elapsed)
-            if self._access_log and access_log.isEnabledFor(logging.INFO):
+            if self._access_log:
                 _log_access(request, intake, model_label, status, elapsed, ex, key_label)
 
     async def _serve_or_fall_back(self, ex: Exchange) -> tuple[HTTPResponse | None, int]:
@@ -368,16 +368,15 @@ def _stamped(response: HTTPResponse | None, rt: ModelRuntime) -> HTTPResponse | 
 
 def _log_access(request: Request, intake: Intake | HTTPResponse | None, model: str, status: int,
                 elapsed: float, ex: Exchange | None, key: str) -> None:
-    """One line per proxied request; called only when the access logger is enabled."""
+    """One line per proxied request; called only when the access log is on."""
     path = intake.path if isinstance(intake, Intake) else _loggable(request.path)
     wait_ms = round(ex.queue_wait_s * 1000, 1) if ex is not None else 0.0
     duration_ms = round(elapsed * 1000, 1)
-    access_log.info("%s %s %d model=%s key=%s duration_ms=%.1f queue_ms=%.1f request_id=%s",
-                    request.method, path, status, model or "-", key or "-", duration_ms, wait_ms,
-                    REQUEST_ID.get(),
-                    extra={"access": {"method": request.method, "path": path, "model": model,
-                                      "key": key, "status": status, "duration_ms": duration_ms,
-                                      "queue_ms": wait_ms}})
+    rid = REQUEST_ID.get()
+    ACCESS.write(f"{request.method} {path} {status} model={model or '-'} key={key or '-'} "
+                 f"duration_ms={duration_ms:.1f} queue_ms={wait_ms:.1f} request_id={rid}",
+                 {"method": request.method, "path": path, "model": model, "key": key,
+                  "status": status, "duration_ms": duration_ms, "queue_ms": wait_ms}, rid)
 
 
 def _loggable(text: str) -> str:
