@@ -22,8 +22,6 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from gateway.keys import ANONYMOUS, Tenant
@@ -203,40 +201,36 @@ class ModelAdmission:
 
     # ------------------------------------------------------------------ the slot
 
-    @asynccontextmanager
-    async def slot(self, tenant: Tenant | None = None,
-                   load: KeyLoad | None = None) -> AsyncIterator[float]:
+    def slot(self, tenant: Tenant | None = None, load: KeyLoad | None = None) -> Slot:
         """Hold one concurrency slot for the body of the ``async with``.
 
         ``tenant`` is whose request it is (None: the anonymous key) and ``load`` that
-        key's counts across models. Yields the seconds spent queued. Raises
+        key's counts across models. Gives the seconds spent queued. Raises
         ShuttingDown after close(), KeyBusy when the key is at its max_concurrent, and
         QueueFull when the queue, the band's or the key's share of it is full (these
         count nothing); QueueTimeout after ``queue_timeout_s`` of waiting.
         """
+        return Slot(self, tenant or _ANONYMOUS, load or self._anonymous_load)
+
+    async def _take(self, tenant: Tenant, load: KeyLoad) -> float:
+        """A slot for ``tenant``, now or after queuing; the seconds it waited."""
         if self._closed:
             raise ShuttingDown(self.name)
-        tenant = tenant or _ANONYMOUS
-        load = load or self._anonymous_load
-        key = tenant.name
         if tenant.max_concurrent is not None and load.active >= tenant.max_concurrent:
             self.rejected_total += 1
-            raise KeyBusy(key)
+            raise KeyBusy(tenant.name)
         started = time.monotonic()
         if self._in_flight < self._max_concurrent:
             # Work-conserving: a free slot means no live waiter, so this jumps nobody.
             self._enter(load)
-            self._hold(key, load)
-        else:
-            why = self._queue_refusal(tenant)
-            if why:
-                self.rejected_total += 1
-                raise QueueFull(self.name, why)
-            await self._wait_for_handoff(tenant, load)
-        try:
-            yield time.monotonic() - started
-        finally:
-            self._release(key, load)
+            self._hold(tenant.name, load)
+            return 0.0
+        why = self._queue_refusal(tenant)
+        if why:
+            self.rejected_total += 1
+            raise QueueFull(self.name, why)
+        await self._wait_for_handoff(tenant, load)
+        return time.monotonic() - started
 
     def _queue_refusal(self, tenant: Tenant) -> str:
         """Why this key may not queue here now, or ''."""
@@ -392,3 +386,23 @@ class ModelAdmission:
             self._stall_since = None
         elif self._stall_since is None:
             self._stall_since = time.monotonic()
+
+
+class Slot:
+    """``async with admission.slot(...) as waited``: a slot is taken on entry (or the
+    entry raises, holding nothing) and given back on exit, however the body ends. A
+    class rather than ``@asynccontextmanager``: every request enters one, and a
+    generator-based manager costs two generator steps and two objects more."""
+
+    __slots__ = ("_admission", "_tenant", "_load")
+
+    def __init__(self, admission: ModelAdmission, tenant: Tenant, load: KeyLoad) -> None:
+        self._admission = admission
+        self._tenant = tenant
+        self._load = load
+
+    async def __aenter__(self) -> float:
+        return await self._admission._take(self._tenant, self._load)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._admission._release(self._tenant.name, self._load)
