@@ -8,8 +8,15 @@ import re
 
 import pytest
 
-from gateway.logging_setup import (ACCESS_LOGGER, AccessLog, BatchedStreamHandler,
-                                   JsonFormatter, RequestIdFilter, TEXT_FORMAT, TextFormatter)
+from gateway.logging_setup import (
+    ACCESS_LOGGER,
+    TEXT_FORMAT,
+    AccessLog,
+    BatchedStreamHandler,
+    JsonFormatter,
+    RequestIdFilter,
+    TextFormatter,
+)
 
 FIELDS = {"method": "POST", "path": "/v1/chat/completions", "model": "m", "key": "team-a",
           "status": 200, "duration_ms": 1.5, "queue_ms": 0.0}
