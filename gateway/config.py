@@ -43,6 +43,10 @@ class _Strict(BaseModel):
 class Listen(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
+    # Connections the kernel queues before the gateway accepts them (capped by
+    # net.core.somaxconn). Sanic's 100 overflows when hundreds of streams open in the
+    # same moment on a busy core, and the overflow is reset, not queued.
+    backlog: int = Field(1024, ge=1, le=65535)
 
 
 class Limits(_Strict):

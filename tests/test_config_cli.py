@@ -60,7 +60,7 @@ VALID = {
 }
 
 SCHEMA_PROBLEMS = {
-    "listen": {"port": 70000},
+    "listen": {"port": 70000, "backlog": 0},
     "limits": {"max_concurrent": 0, "max_queue": "lots"},
     "idle_timeout_s": -5,
     "colour": "blue",
@@ -68,6 +68,7 @@ SCHEMA_PROBLEMS = {
 }
 SCHEMA_EXPECTED = [
     ("listen.port", "70000"),
+    ("listen.backlog", "(got 0)"),
     ("limits.max_concurrent", "(got 0)"),
     ("limits.max_queue", "integer", "'lots'"),
     ("idle_timeout_s", "-5"),
@@ -202,3 +203,15 @@ def test_serve_uses_a_valid_config(tmp_path):
     with start_gateway(config, tmp_path) as gw:
         data = httpx.get(f"{gw.url}/v1/models", trust_env=False).json()["data"]
         assert [m["id"] for m in data] == ["remote"]
+
+
+def test_listen_backlog_reaches_the_listening_socket(tmp_path):
+    """listen.backlog is the kernel's accept queue (Sanic's own default is 100, which a
+    burst of hundreds of stream opens on a busy core overflows into resets)."""
+    config = {"listen": {"host": "127.0.0.1", "backlog": 777},
+              "models": [{"name": "m", "backend": "static", "url": "http://127.0.0.1:9"}]}
+    with start_gateway(config, tmp_path) as gw:
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{gw.port}"], capture_output=True,
+                             text=True, check=True).stdout.split()
+        # LISTEN's Send-Q column is the socket's backlog.
+        assert out[0] == "LISTEN" and out[2] == "777", out
