@@ -66,7 +66,7 @@ class RawResponse(HTTPResponse):
                 for k, v in self.headers.items())
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Exchange:
     """One client request on its way through the gateway."""
 

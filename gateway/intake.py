@@ -68,7 +68,7 @@ class BodyBudget:
             fut.set_result(None)
 
 
-@dataclass
+@dataclass(slots=True)
 class Intake:
     """A request that passed every check: what the rest of the pipeline works from."""
 
