@@ -86,7 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     host, port = settings.listen.host, settings.listen.port
     try:
-        sock = bind_socket(host, port, backlog=settings.listen.backlog)  # here, so a taken port is one line, not a traceback
+        # Bound here, so a taken port is one line, not a traceback.
+        sock = bind_socket(host, port, backlog=settings.listen.backlog)
     except OSError as exc:
         print(f"{source}: listen: cannot listen on {host}:{port}: {exc.strerror or exc} "
               "(set listen.port or --port)", file=sys.stderr)
@@ -105,8 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _tune_gc(app)
     app.ctx.handle_signals = True
     app.run(sock=sock, backlog=settings.listen.backlog, single_process=True, access_log=False,
-            motd=False,
-            register_sys_signals=False, protocol=GatewayProtocol)
+            motd=False, register_sys_signals=False, protocol=GatewayProtocol)
     return 0
 
 

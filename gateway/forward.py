@@ -15,7 +15,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -356,10 +355,12 @@ class Forwarder:
         await asyncio.ensure_future(self._relay(ex, upstream, out))
 
     async def _relay(self, ex: Exchange, upstream: UpstreamResponse, out: Any) -> None:
-        recent: deque[bytes] = deque(maxlen=3)  # where the usage event is, split or not
+        # The last two chunks before this one: where the usage event is, split or not
+        # (two locals, not a deque: one of those is a 600-byte block per open stream).
+        older = last = b""
         renamer = ex.renamer  # None when the names agree: the loop then does no extra work
         strip_usage = ex.strip_usage
-        read, send, remember = upstream.read_any, out.send, recent.append
+        read, send = upstream.read_any, out.send
         try:
             chunk = await read()
             if chunk:
@@ -374,13 +375,13 @@ class Forwarder:
                     chunk, usage = _strip_usage_events(chunk)
                     ex.usage = usage or ex.usage
                 if chunk:
-                    remember(chunk)
                     await send(chunk)
                     if b"data: [DONE]" in chunk:
                         # Counted now: the client may close (and the handler be cancelled)
                         # the moment it has [DONE].
-                        ex.usage = _usage_from_sse(b"".join(recent)) or ex.usage
+                        ex.usage = _usage_from_sse(older + last + chunk) or ex.usage
                         ex.completed = True
+                    older, last = last, chunk
                 chunk = await read()
         except UpstreamFailure as failure:
             if ex.abort_reason:
@@ -397,7 +398,7 @@ class Forwarder:
             if rest:
                 await out.send(rest)
         if not ex.completed:
-            ex.usage = _usage_from_sse(b"".join(recent)) or ex.usage
+            ex.usage = _usage_from_sse(older + last) or ex.usage
         await out.eof()
 
     async def _end_stream(self, ex: Exchange, out: Any, message: str, code: str) -> None:
