@@ -105,6 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _tune_gc(app)
     app.ctx.handle_signals = True
+    # The backlog again: serving calls listen() on the socket once more, with this value.
     app.run(sock=sock, backlog=settings.listen.backlog, single_process=True, access_log=False,
             motd=False, register_sys_signals=False, protocol=GatewayProtocol)
     return 0

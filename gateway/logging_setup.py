@@ -127,15 +127,14 @@ class BatchedStreamHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._pending.append(self.format(record))
+            line = self.format(record)
         except Exception:
             self.handleError(record)
             return
-        if len(self._pending) >= self._batch:
-            self.flush()
+        self.write_line(line)  # the handler's lock is an RLock: taking it again is fine
 
     def write_line(self, line: str) -> None:
-        """A line its caller formatted (the access log's fast path: no LogRecord)."""
+        """Queue a formatted line (also the access log's fast path: no LogRecord)."""
         self.acquire()  # as emit() is called: see flush()
         try:
             self._pending.append(line)

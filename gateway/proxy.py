@@ -38,7 +38,6 @@ CLIENT_CLOSED = 499  # nginx's code for "client went away"; only ever a metric l
 # The gateway's own refusals a model's ``fallback_on`` can name.
 FALLBACK_ON = {"model_unavailable": "unavailable", "queue_full": "queue_full"}
 log = logging.getLogger("vllm_gateway.proxy")
-ACCESS = AccessLog()
 
 
 class Gateway:
@@ -58,7 +57,7 @@ class Gateway:
         self.active: set[Exchange] = set()  # admitted exchanges, for the shutdown deadline
         self.draining = False
         self._admission_hooks = hooks.has_impls("admit_request")
-        self._access_log = settings.logging.access_log
+        self.access_log = AccessLog() if settings.logging.access_log else None
         for rt in fleet.runtimes.values():
             for fallback in rt.cfg.fallbacks:
                 metrics.fallbacks.labels(rt.name, fallback)  # born at 0
@@ -149,8 +148,9 @@ class Gateway:
             self.metrics.child(self.metrics.key_requests, key_label, str(status)).inc()
             self.metrics.child(self.metrics.request_duration, model_label, endpoint).observe(
                 elapsed)
-            if self._access_log:
-                _log_access(request, intake, model_label, status, elapsed, ex, key_label)
+            if self.access_log is not None:
+                _log_access(self.access_log, request, intake, model_label, status, elapsed, ex,
+                            key_label)
 
     async def _serve_or_fall_back(self, ex: Exchange) -> tuple[HTTPResponse | None, int]:
         """Serve the model asked for; if the gateway finds it unavailable (or its queue
@@ -366,14 +366,14 @@ def _stamped(response: HTTPResponse | None, rt: ModelRuntime) -> HTTPResponse | 
     return response
 
 
-def _log_access(request: Request, intake: Intake | HTTPResponse | None, model: str, status: int,
-                elapsed: float, ex: Exchange | None, key: str) -> None:
-    """One line per proxied request; called only when the access log is on."""
+def _log_access(access: AccessLog, request: Request, intake: Intake | HTTPResponse | None,
+                model: str, status: int, elapsed: float, ex: Exchange | None, key: str) -> None:
+    """One line per proxied request."""
     path = intake.path if isinstance(intake, Intake) else _loggable(request.path)
     wait_ms = round(ex.queue_wait_s * 1000, 1) if ex is not None else 0.0
     duration_ms = round(elapsed * 1000, 1)
     rid = REQUEST_ID.get()
-    ACCESS.write(f"{request.method} {path} {status} model={model or '-'} key={key or '-'} "
+    access.write(f"{request.method} {path} {status} model={model or '-'} key={key or '-'} "
                  f"duration_ms={duration_ms:.1f} queue_ms={wait_ms:.1f} request_id={rid}",
                  {"method": request.method, "path": path, "model": model, "key": key,
                   "status": status, "duration_ms": duration_ms, "queue_ms": wait_ms}, rid)
