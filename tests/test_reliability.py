@@ -877,6 +877,29 @@ def test_stalled_body_is_cut_off(limits_gw):
     assert_invariants(limits_gw)
 
 
+@pytest.mark.parametrize("split_at", [0, 7, -1], ids=["headers-alone", "mid-body", "last-byte"])
+def test_a_body_arriving_in_pieces_is_read_whole(limits_gw, split_at):
+    """The usual small POST comes with its headers and is read without a timer; one that
+    arrives later, in parts, takes the deadline path and is read whole all the same."""
+    body = chat_body()
+    data = build_request("/v1/chat/completions", body)
+    cut = len(data) - len(body) + (split_at % len(body))
+    with socket.create_connection(("127.0.0.1", limits_gw.port), timeout=10) as s:
+        s.sendall(data[:cut])
+        time.sleep(0.3)  # well inside body_timeout_s (2)
+        s.sendall(data[cut:])
+        buf = b""
+        while not parse_reply(buf)[1]:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    reply = parse_reply(buf)[0]
+    assert reply.status == 200, (reply.status, reply.raw[:300])
+    assert reply.json()["object"] == "chat.completion"
+    assert_invariants(limits_gw)
+
+
 def test_stalled_headers_are_cut_off(limits_gw):
     started = time.monotonic()
     partial = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Partial: ab"
