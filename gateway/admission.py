@@ -343,6 +343,9 @@ class ModelAdmission:
 
     def _dispatch(self) -> None:
         """While a slot is free, hand it to the next live waiter (skipping done ones)."""
+        if not self._waiting:  # nobody queued (the usual release): none to hand, no stall
+            self._stall_since = None
+            return
         while self._in_flight < self._max_concurrent:
             waiter = self._next_waiter()
             if waiter is None:

@@ -30,9 +30,8 @@ from gateway.upstream import (
     CREDENTIAL_HEADERS,
     UpstreamFailure,
     UpstreamResponse,
-    content_type,
     forward_request_headers,
-    response_header_items,
+    passed_headers,
 )
 
 if TYPE_CHECKING:
@@ -48,21 +47,39 @@ USAGE_TAIL = 65_536  # bytes of a streamed-through answer kept to find its usage
 
 
 class RawResponse(HTTPResponse):
-    """An HTTPResponse that adds no Content-Type of its own: an upstream answer without
-    one must not reach the client as ``content-type: None``.
+    """A model server's answer as the client gets it: the upstream's headers go out as
+    aiohttp received them (bytes, filtered by ``passed_headers``), then the gateway's
+    own (``headers``), which win. It adds no Content-Type of its own: an upstream answer
+    without one must not reach the client as ``content-type: None``.
 
-    Its headers are not re-sanitized: the upstream's come from aiohttp's parser (which
-    refuses CR, LF and NUL in a header), and the gateway's own are its numbers, model
-    names, a checked request id and CORS values from config, so the per-header regex
-    Sanic runs would find nothing and cost ~5% of a small request."""
+    Neither is re-sanitized: the upstream's come from aiohttp's parser (which refuses CR,
+    LF and NUL in a header), and the gateway's own are its numbers, model names, a
+    checked request id and CORS values from config, so the per-header regex Sanic runs
+    would find nothing and cost ~5% of a small request."""
+
+    def __init__(self, body: bytes | None, upstream: UpstreamResponse,
+                 headers: dict[str, str]) -> None:
+        super().__init__(body, status=upstream.status, headers=headers,
+                         content_type=upstream.content_type)
+        self.upstream_headers = upstream.raw_headers
+        self.dropped = upstream.connection_named()
 
     @property
     def processed_headers(self):  # type: ignore[override]
+        """The head's headers, read once, as Sanic formats the head; then they are let go:
+        a stream goes on for minutes, and a multidict, once iterated, keeps a copy of
+        every name (with the rest, about 1.5 KB per open stream)."""
+        own = self.headers
         if self.content_type is not None:
-            self.headers.setdefault("content-type", self.content_type)
-        return ((k.encode("ascii", "replace"),
-                 (v if type(v) is str else str(v)).encode(errors="surrogateescape"))
-                for k, v in self.headers.items())
+            own.setdefault("content-type", self.content_type)
+        yield from passed_headers(self.upstream_headers, self.dropped, own)
+        for k, v in own.items():
+            yield k.encode("ascii", "replace"), \
+                (v if type(v) is str else str(v)).encode(errors="surrogateescape")
+        if not self.body:  # a stream (a whole answer is done with them anyway)
+            self.headers = Header()
+            self.upstream_headers = ()
+            self.dropped = frozenset()
 
 
 @dataclass(eq=False, slots=True)
@@ -92,6 +109,7 @@ class Exchange:
     error_code: str = ""  # the gateway's own refusal, when one decides a fallback
     queue_wait_s: float = 0.0
     reached_upstream: bool = False  # a model server got (or may have got) the request
+    rewritten: bool = False  # ``body`` is the payload re-encoded for the model serving it
     strip_usage: bool = False  # the gateway asked for the stream's usage; the client did not
     tenant: Tenant | None = None  # whose request (gateway/keys.py); None only in tests
     answer_headers: dict[str, str] = field(default_factory=dict)  # rate limits, CORS
@@ -108,6 +126,15 @@ class Exchange:
         self.renamer = None
         self.holds_slot = False
         self._info = None
+
+    def head_sent(self) -> None:
+        """A stream's head has gone out, so no retry, fallback or error answer can follow:
+        let go of what only they need for the stream's life, the request's bytes and parse
+        (a chat history can be tens of KB per stream) and the answer's own headers."""
+        self.streaming = True
+        self.body = b""
+        self.payload = {}
+        self.extra_headers = {}
 
     def info(self) -> RequestInfo:
         """What hooks see of this request: read-only copies, built once, only if asked."""
@@ -304,13 +331,7 @@ class Forwarder:
 
     def _client_response(self, ex: Exchange, upstream: UpstreamResponse,
                          body: bytes | None) -> RawResponse:
-        extra = ex.extra_headers
-        ours = {k.lower() for k in extra}  # the gateway's own win over the upstream's
-        pairs = [(k, v) for k, v in response_header_items(upstream) if k.lower() not in ours]
-        pairs += extra.items()
-        # One multidict built from the list, not a Python-level insert per header.
-        return RawResponse(body, status=upstream.status, headers=Header(pairs),
-                           content_type=content_type(upstream))
+        return RawResponse(body, upstream, ex.extra_headers)
 
     async def _pass_through(self, ex: Exchange, upstream: UpstreamResponse,
                             head: bytes) -> None:
@@ -322,7 +343,7 @@ class Forwarder:
         # Renamed, the length may change: the answer goes out chunked instead.
         ex.status = upstream.status
         out = await ex.request.respond(response)
-        ex.streaming = True
+        ex.head_sent()
         tail = head[-USAGE_TAIL:]
         try:
             await out.send(head if renamer is None else renamer.feed(head))
@@ -346,7 +367,7 @@ class Forwarder:
         response.headers["X-Accel-Buffering"] = "no"
         ex.status = upstream.status
         out = await ex.request.respond(response)
-        ex.streaming = True
+        ex.head_sent()
         upstream.watch_reads(self.settings.upstream.timeout_s)
         # The relay runs as a task of its own: a task resumes through every coroutine
         # frame it awaits in, and the request path is a dozen deep, so relayed in place

@@ -125,6 +125,7 @@ class Gateway:
             ex = Exchange(request, rt, intake.path, intake.payload, intake.body, intake.stream,
                           started, request_id=rid, shown_model=intake.model, tenant=tenant,
                           answer_headers=answer_headers)
+            intake.body, intake.payload = b"", {}  # the exchange's now (it may drop them)
             with self.tracing.request_span("gateway.request", request.headers, {
                     "gen_ai.operation.name": _operation(endpoint),
                     "gen_ai.request.model": intake.model, "http.request.method": request.method,
@@ -180,15 +181,11 @@ class Gateway:
         return _stamped(refusal[0], first), refusal[1]
 
     @staticmethod
-    def _falls_back(first: ModelRuntime, ex: Exchange) -> bool:
-        return FALLBACK_ON.get(ex.error_code) in first.cfg.fallback_on
-
-    async def _serve(self, ex: Exchange) -> tuple[HTTPResponse | None, int]:
-        rt, payload = ex.runtime, ex.payload
-        if self._admission_hooks:
-            rejected = await self._admit(ex.info(), rt)
-            if rejected is not None:
-                return rejected, rejected.status
+    def _rewrite_for(rt: ModelRuntime, ex: Exchange) -> None:
+        """The body as ``rt``'s server must get it (its model name, the usage a token
+        limit needs), and the renamer for its answer. Apart from ``_serve`` so that no
+        frame but the exchange's holds the payload while a stream runs (it drops it)."""
+        payload = ex.payload
         upstream_name = rt.served_model_name or rt.name
         changes: dict[str, Any] = {}
         if payload.get("model") != upstream_name:  # an alias, a served name, a fallback
@@ -199,10 +196,23 @@ class Gateway:
             changes["stream_options"] = {**(payload.get("stream_options") or {}),
                                          "include_usage": True}
             ex.strip_usage = True
-        if changes:
+        if changes or ex.rewritten:  # (a fallback's body is never the last model's)
             ex.body = json.dumps({**payload, **changes}).encode()
+            ex.rewritten = True
         if upstream_name != ex.shown_model:
             ex.renamer = ModelRenamer(upstream_name, ex.shown_model)
+
+    @staticmethod
+    def _falls_back(first: ModelRuntime, ex: Exchange) -> bool:
+        return FALLBACK_ON.get(ex.error_code) in first.cfg.fallback_on
+
+    async def _serve(self, ex: Exchange) -> tuple[HTTPResponse | None, int]:
+        rt = ex.runtime
+        if self._admission_hooks:
+            rejected = await self._admit(ex.info(), rt)
+            if rejected is not None:
+                return rejected, rejected.status
+        self._rewrite_for(rt, ex)
         ex.task = asyncio.current_task()
         self.active.add(ex)
         tenant = ex.tenant
@@ -370,13 +380,8 @@ def _log_access(access: AccessLog, request: Request, intake: Intake | HTTPRespon
                 model: str, status: int, elapsed: float, ex: Exchange | None, key: str) -> None:
     """One line per proxied request."""
     path = intake.path if isinstance(intake, Intake) else _loggable(request.path)
-    wait_ms = round(ex.queue_wait_s * 1000, 1) if ex is not None else 0.0
-    duration_ms = round(elapsed * 1000, 1)
-    rid = REQUEST_ID.get()
-    access.write(f"{request.method} {path} {status} model={model or '-'} key={key or '-'} "
-                 f"duration_ms={duration_ms:.1f} queue_ms={wait_ms:.1f} request_id={rid}",
-                 {"method": request.method, "path": path, "model": model, "key": key,
-                  "status": status, "duration_ms": duration_ms, "queue_ms": wait_ms}, rid)
+    access.write(request.method, path, status, model, key, elapsed * 1000,
+                 ex.queue_wait_s * 1000 if ex is not None else 0.0, REQUEST_ID.get())
 
 
 def _loggable(text: str) -> str:

@@ -11,7 +11,7 @@ oversized headers, becomes one ``UpstreamFailure`` with a bounded ``kind``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import aiohttp
@@ -26,6 +26,7 @@ HOP_BY_HOP = frozenset({
     "trailers", "transfer-encoding", "upgrade", "host", "content-length", "expect",
     "proxy-connection",
 })
+NOTHING_NAMED: frozenset[str] = frozenset()
 # Kinds where the request provably did not reach the server: safe to send again.
 NOT_SENT: frozenset[str] = frozenset({"connect", "dns", "connect_timeout", "pool_timeout"})
 # vLLM closes idle keep-alive connections after 5 s; reusing one it is closing would turn
@@ -108,13 +109,23 @@ class UpstreamResponse:
             self._watch.cancel()
             self._watch = None
 
-    def header_items(self) -> Iterable[tuple[str, str]]:
-        """Every header as sent, repeats kept (two Set-Cookie stay two)."""
-        return self._resp.headers.items()
+    @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Every header as received, in bytes, repeats kept (two Set-Cookie stay two)."""
+        return self._resp.raw_headers
+
+    @property
+    def content_type(self) -> str | None:
+        return self._resp.headers.get("Content-Type")
 
     @property
     def content_length(self) -> int | None:
         return self._resp.content_length
+
+    def connection_named(self) -> frozenset[str]:
+        """Headers the answer's own Connection header makes hop-by-hop (RFC 9110 7.6.1)."""
+        named = _connection_named(self._resp.headers.getall("Connection", ()))
+        return named if named - HOP_BY_HOP else NOTHING_NAMED  # "keep-alive": held by none
 
     async def read(self) -> bytes:
         try:
@@ -189,30 +200,38 @@ class UpstreamPool:
         self._connector = aiohttp.TCPConnector(limit=size, limit_per_host=0,
                                                keepalive_timeout=KEEPALIVE_S,
                                                enable_cleanup_closed=False, ttl_dns_cache=None)
+        # connect covers waiting for a pooled connection as well as the TCP connect.
+        timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s,
+                                        sock_connect=connect_timeout_s, sock_read=timeout_s)
         self._session = aiohttp.ClientSession(
             connector=self._connector, auto_decompress=False, trust_env=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
+            cookie_jar=aiohttp.DummyCookieJar(), timeout=timeout,
+            max_line_size=16384, max_field_size=16384,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
-        # connect covers waiting for a pooled connection as well as the TCP connect.
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s,
-                                              sock_connect=connect_timeout_s,
-                                              sock_read=timeout_s)
+        self._urls: dict[str, URL] = {}  # base + allow-listed path: a handful per model
 
     async def request(self, method: str, base: str, path: str, *, content: bytes,
                       headers: dict[str, str], query: str = "") -> UpstreamResponse:
         """Send one request to ``base + path`` exactly as given (no re-normalisation)."""
-        url = URL(base + path + (f"?{query}" if query else ""), encoded=True)
+        if query:
+            url = URL(f"{base}{path}?{query}", encoded=True)
+        else:
+            url = self._urls.get(base + path) or self._url(base + path)
         pool_was_full = self.connections_in_use >= self.size
         try:
             resp = await self._session.request(
-                method, url, headers=headers, data=content or None, allow_redirects=False,
-                auto_decompress=False, compress=False, timeout=self._timeout,
-                max_line_size=16384, max_field_size=16384)
+                method, url, headers=headers, data=content or None, allow_redirects=False)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise classify(exc, pool_was_full) from None
         return UpstreamResponse(resp)
+
+    def _url(self, text: str) -> URL:
+        if len(self._urls) >= 64:  # bounded whatever the callers pass
+            self._urls.clear()
+        url = self._urls[text] = URL(text, encoded=True)
+        return url
 
     @property
     def connections_in_use(self) -> int:
@@ -243,19 +262,19 @@ def forward_request_headers(headers: Any) -> dict[str, str]:
     return out
 
 
-def response_header_items(resp: UpstreamResponse) -> list[tuple[str, str]]:
-    """Upstream response headers to pass to the client, repeats kept, hop-by-hop dropped."""
-    items = list(resp.header_items())
-    named = _connection_named([v for k, v in items if k.lower() == "connection"])
-    return [(k, v) for k, v in items if k.lower() not in HOP_BY_HOP and k.lower() not in named
-            and k.lower() != "content-type"]
+# Never passed from an answer: hop-by-hop, or set by the gateway (Sanic adds the length).
+NOT_PASSED = HOP_BY_HOP | {"content-type"}
 
 
-def content_type(resp: UpstreamResponse) -> str | None:
-    for k, v in resp.header_items():
-        if k.lower() == "content-type":
-            return v
-    return None
+def passed_headers(raw: Iterable[tuple[bytes, bytes]], dropped: frozenset[str],
+                   own: Any) -> Iterator[tuple[bytes, bytes]]:
+    """An answer's headers for the client, as received: hop-by-hop ones (and those its
+    Connection header names, ``dropped``) are left out, and so is any the gateway sets
+    itself (``own``, a case-insensitive mapping): the gateway's win."""
+    for name, value in raw:
+        key = name.decode("latin-1").lower()
+        if key not in NOT_PASSED and key not in dropped and key not in own:
+            yield name, value
 
 
 def _connection_named(values: Iterable[str]) -> frozenset[str]:

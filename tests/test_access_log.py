@@ -49,7 +49,8 @@ def _lines(logger: logging.Logger, formatter: logging.Formatter, direct: bool) -
     factory = logging.getLogRecordFactory()
     logging.setLogRecordFactory(lambda *a, **k: made.append(1) or factory(*a, **k))
     try:
-        AccessLog().write(MESSAGE, FIELDS, "r1")
+        # 1.46 ms and 0.04 ms: the line and the fields show them rounded to 0.1 ms
+        AccessLog().write("POST", "/v1/chat/completions", 200, "m", "team-a", 1.46, 0.04, "r1")
     finally:
         logging.setLogRecordFactory(factory)
     handler.flush()
@@ -72,7 +73,8 @@ def test_direct_line_equals_the_logging_line(access_logger, formatter):
     assert _untimed(direct[0]) == _untimed(through_logging[0])
     if isinstance(formatter, JsonFormatter):
         record = json.loads(direct[0])
-        assert record["request_id"] == "r1" and record["status"] == 200
+        assert record["request_id"] == "r1" and record["message"] == MESSAGE
+        assert {k: record[k] for k in FIELDS} == FIELDS
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"])
     else:
         assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO vllm_gateway\.access: "
@@ -82,3 +84,17 @@ def test_direct_line_equals_the_logging_line(access_logger, formatter):
 def test_levels_are_honoured(access_logger):
     access_logger.setLevel(logging.WARNING)
     assert _lines(access_logger, TextFormatter(TEXT_FORMAT), direct=True) == []
+
+
+def test_another_filter_on_the_handler_gets_records(access_logger):
+    """A filter an operator adds to the gateway's own handler still sees every line."""
+    out = io.StringIO()
+    handler = BatchedStreamHandler(out, interval_s=60)
+    handler.setFormatter(TextFormatter(TEXT_FORMAT))
+    handler.addFilter(RequestIdFilter())
+    seen = []
+    handler.addFilter(lambda record: seen.append(record.getMessage()) or False)  # drops all
+    access_logger.handlers[:] = [handler]
+    AccessLog().write("POST", "/v1/chat/completions", 200, "m", "team-a", 1.46, 0.04, "r1")
+    handler.flush()
+    assert seen == [MESSAGE] and out.getvalue() == ""
