@@ -507,3 +507,21 @@ def test_aliases_and_fallbacks_in_the_effective_config(tmp_path):
     assert effective["models"][0]["fallback_on"] == ["unavailable"]
     assert effective["logging"] == {"format": "text", "access_log": True}
 
+
+
+async def test_a_fallback_gets_the_body_for_its_own_upstream_name(sim, slow_sim, echo, tmp_path):
+    """The first model rewrote the body for its served name; the fallback's served name is
+    what the client sent, so it needs no rewrite of its own, and must not get the first
+    model's."""
+    config = {"upstream": {"retries": 0}, "models": [
+        {"name": "hold", "backend": "static", "url": slow_sim.url, "served_model_name": SLOW,
+         "max_concurrent": 1, "max_queue": 0, "fallbacks": ["exact"],
+         "fallback_on": ["queue_full"]},
+        {"name": "exact", "backend": "static", "url": echo.url, "served_model_name": "hold"},
+    ]}
+    with start_gateway(config, tmp_path) as g:
+        first, other = await _while_slot_held(g, "hold", chat_body("hold"))
+    assert first.status_code == 200 and first.headers["x-gateway-model"] == "hold"
+    assert other.status_code == 200, other.text
+    assert other.headers["x-gateway-model"] == "exact"
+    assert other.json()["received_model"] == "hold"  # not SLOW, the first model's name
