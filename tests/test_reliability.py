@@ -166,6 +166,17 @@ def raw_http(port: int, data: bytes, timeout: float = 10.0) -> RawReply:
             buf += chunk
 
 
+def read_reply(s: socket.socket, buf: bytes = b"") -> RawReply:
+    """Read one answer from a blocking socket (its timeout bounds each read), after
+    ``buf`` (what was read already); a peer that closes early gives what arrived."""
+    while not parse_reply(buf)[1]:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return parse_reply(buf)[0]
+
+
 class AsyncRaw:
     """One raw connection in asyncio: send, read one answer (bounded), or reset it."""
 
@@ -824,15 +835,9 @@ def test_expect_100_continue_is_not_forwarded(gw):
         with contextlib.suppress(TimeoutError):
             first = s.recv(65536)  # "100 Continue" if the gateway sends one
         s.sendall(body)
-        buf = first
         s.settimeout(10)
-        while not parse_reply(buf)[1]:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    reply = parse_reply(buf)[0]
-    assert reply.status == 200, (reply.status, buf[:300])
+        reply = read_reply(s, first)
+    assert reply.status == 200, (reply.status, reply.raw[:300])
     received = reply.json()["received_headers"]
     assert "expect" not in received, received
     assert_invariants(gw)
@@ -888,13 +893,7 @@ def test_a_body_arriving_in_pieces_is_read_whole(limits_gw, split_at):
         s.sendall(data[:cut])
         time.sleep(0.3)  # well inside body_timeout_s (2)
         s.sendall(data[cut:])
-        buf = b""
-        while not parse_reply(buf)[1]:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    reply = parse_reply(buf)[0]
+        reply = read_reply(s)
     assert reply.status == 200, (reply.status, reply.raw[:300])
     assert reply.json()["object"] == "chat.completion"
     assert_invariants(limits_gw)
