@@ -41,7 +41,7 @@ $(TINY_MODEL): $(VLLM_STAMP) scripts/build_tiny_models.py
 vllm: $(VLLM_STAMP) $(TINY_MODEL)
 
 test: $(STAMP) vllm
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q --durations=20 $(PYTEST_ARGS)
 
 test-vllm: $(STAMP) vllm
 	$(BIN)/pytest -q -m real_vllm $(PYTEST_ARGS)

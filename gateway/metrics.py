@@ -159,9 +159,39 @@ class GatewayMetrics:
             found = self._children[(metric, labels)] = metric.labels(*labels)
         return found
 
+    def count_request(self, model: str, endpoint: str, code: str, key: str,
+                      elapsed_s: float) -> None:
+        """A request answered: its three series, found with one lookup."""
+        found = self._answered.get((model, endpoint, code, key))
+        if found is None:
+            found = self._answered[(model, endpoint, code, key)] = (
+                self.requests.labels(model, endpoint, code), self.key_requests.labels(key, code),
+                self.request_duration.labels(model, endpoint))
+        found[0].value += 1
+        found[1].value += 1
+        found[2].observe(elapsed_s)
+
+    def count_tokens(self, model: str, key: str, prompt: int, completion: int) -> None:
+        """An answer's usage (counts of 0 or less are left out): four series, one lookup."""
+        found = self._used.get((model, key))
+        if found is None:
+            found = self._used[(model, key)] = (
+                self.tokens.labels(model, "input"), self.key_tokens.labels(key, "input"),
+                self.tokens.labels(model, "output"), self.key_tokens.labels(key, "output"))
+        if prompt > 0:
+            found[0].value += prompt
+            found[1].value += prompt
+        if completion > 0:
+            found[2].value += completion
+            found[3].value += completion
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        # Label values are bounded (configured models and keys, a fixed set of codes and
+        # endpoints), so these combinations are too.
+        self._answered: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
+        self._used: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
         r = self.registry
         # Updated on every request, on the event loop's thread: plain numbers (loop_metrics).
         self.requests = LoopCounter("gateway_requests", "Requests answered, by status code.",

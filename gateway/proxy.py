@@ -145,10 +145,7 @@ class Gateway:
                 self.tenancy.settle(grant, ex.usage, sent=ex.reached_upstream,
                                     answered=ex.status < 400)
             elapsed = time.perf_counter() - started
-            self.metrics.child(self.metrics.requests, model_label, endpoint, str(status)).inc()
-            self.metrics.child(self.metrics.key_requests, key_label, str(status)).inc()
-            self.metrics.child(self.metrics.request_duration, model_label, endpoint).observe(
-                elapsed)
+            self.metrics.count_request(model_label, endpoint, str(status), key_label, elapsed)
             if self.access_log is not None:
                 _log_access(self.access_log, request, intake, model_label, status, elapsed, ex,
                             key_label)
@@ -358,15 +355,13 @@ class Gateway:
         usage = ex.usage
         if not usage:
             return
-        name = ex.runtime.name
-        key = ex.tenant.name if ex.tenant is not None else ""
-        for field, kind in (("prompt_tokens", "input"), ("completion_tokens", "output")):
-            value = usage.get(field)
-            if isinstance(value, int) and value > 0:
-                self.metrics.child(self.metrics.tokens, name, kind).inc(value)
-                self.metrics.child(self.metrics.key_tokens, key, kind).inc(value)
-        self.tracing.set_attributes({"gen_ai.usage.input_tokens": usage.get("prompt_tokens") or 0,
-                                     "gen_ai.usage.output_tokens": usage.get("completion_tokens") or 0})
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        prompt = prompt if type(prompt) is int else 0
+        completion = completion if type(completion) is int else 0
+        self.metrics.count_tokens(ex.runtime.name, ex.tenant.name if ex.tenant is not None
+                                  else "", prompt, completion)
+        self.tracing.set_attributes({"gen_ai.usage.input_tokens": prompt,
+                                     "gen_ai.usage.output_tokens": completion})
 
 
 def _stamped(response: HTTPResponse | None, rt: ModelRuntime) -> HTTPResponse | None:

@@ -245,18 +245,20 @@ class UpstreamPool:
 
 # A client's credentials for the gateway; never forwarded to a model server.
 CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})
+NOT_FORWARDED = HOP_BY_HOP | CREDENTIAL_HEADERS
 
 
 def forward_request_headers(headers: Any) -> dict[str, str]:
     """Client headers to send upstream: end-to-end ones only (RFC 9110 7.6.1), including
     dropping every header the client's Connection header names, and never the client's
     credentials (the model's own key is sent instead). Repeats are joined."""
-    named = _connection_named(headers.getall("connection", []) if hasattr(headers, "getall")
-                              else [headers.get("connection", "")])
+    connection = headers.getall("connection", ()) if hasattr(headers, "getall") \
+        else [headers.get("connection", "")]
+    named = _connection_named(connection) if connection else NOTHING_NAMED
     out: dict[str, str] = {}
     for k, v in headers.items():
         lk = k.lower()
-        if lk in HOP_BY_HOP or lk in named or lk in CREDENTIAL_HEADERS:
+        if lk in NOT_FORWARDED or lk in named:
             continue
         out[lk] = f"{out[lk]}, {v}" if lk in out else v
     return out
@@ -284,6 +286,9 @@ def _connection_named(values: Iterable[str]) -> frozenset[str]:
 def bad_header_value(headers: Any) -> str | None:
     """The name of the first header whose value cannot be forwarded (control characters,
     non-ASCII), or None. Checked before admission, so a bad header costs no slot."""
+    joined = "".join(headers.values())
+    if joined.isascii() and joined.isprintable():  # the usual case: all of them at once
+        return None
     for k, v in headers.items():
         if v.isascii() and v.isprintable():
             continue
