@@ -66,3 +66,29 @@ def test_misuse_is_refused():
         LoopHistogram("gw_y", "Y.", [], r, (1, 0.5))
     with pytest.raises(ValueError):  # one name, one family, as prometheus_client insists
         LoopCounter("gw_x", "X again.", ["model"], r)
+
+
+def test_count_request_and_count_tokens_feed_their_series():
+    from gateway.metrics import GatewayMetrics
+
+    m = GatewayMetrics()
+    for _ in range(2):
+        m.count_request("m", "chat", "200", "team", 0.05)
+    m.count_request("m", "chat", "429", "", 0.001)
+    m.count_tokens("m", "team", 3, 0)
+    m.count_tokens("m", "team", 4, 5)
+    m.count_tokens("m", "", -1, 2)  # a negative count is left out, the other kept
+    text = generate_latest(m.registry).decode()
+
+    def value(line_start: str) -> float:
+        return float(next(ln for ln in text.splitlines() if ln.startswith(line_start + " "))
+                     .rsplit(" ", 1)[1])
+    assert value('gateway_requests_total{code="200",endpoint="chat",model="m"}') == 2
+    assert value('gateway_requests_total{code="429",endpoint="chat",model="m"}') == 1
+    assert value('gateway_key_requests_total{code="200",key="team"}') == 2
+    assert value('gateway_request_duration_seconds_count{endpoint="chat",model="m"}') == 3
+    assert value('gateway_tokens_total{model="m",type="input"}') == 7
+    assert value('gateway_tokens_total{model="m",type="output"}') == 7
+    assert value('gateway_key_tokens_total{key="team",type="output"}') == 5
+    assert value('gateway_key_tokens_total{key="",type="output"}') == 2
+    assert value('gateway_key_tokens_total{key="",type="input"}') == 0

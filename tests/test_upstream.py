@@ -7,7 +7,12 @@ import json
 import pytest
 from aiohttp import web
 
-from gateway.upstream import UpstreamFailure, UpstreamPool, forward_request_headers
+from gateway.upstream import (
+    UpstreamFailure,
+    UpstreamPool,
+    bad_header_value,
+    forward_request_headers,
+)
 
 
 @pytest.fixture
@@ -140,3 +145,16 @@ async def test_truncated_body_is_classified():
         await pool.aclose()
         server.close()
     assert info.value.kind == "truncated"
+
+
+@pytest.mark.parametrize("pairs, bad", [
+    ([("Content-Type", "application/json"), ("X-A", "ok value")], None),
+    ([("X-Tab", "a\tb"), ("X-A", "b")], None),  # a tab is allowed in a value
+    ([("X-A", "fine"), ("X-Ctl", "a\x01b")], "X-Ctl"),
+    ([("X-Utf", "caf\u00e9"), ("X-Ctl", "\x7f")], "X-Utf"),  # the first bad one is named
+    ([("X-Tab", "\t"), ("X-Del", "x\x7f")], "X-Del"),
+], ids=["clean", "tab", "control", "non-ascii-first", "tab-then-del"])
+def test_bad_header_value_names_the_first_bad_header(pairs, bad):
+    from sanic.compat import Header
+
+    assert bad_header_value(Header(pairs)) == bad
