@@ -128,9 +128,11 @@ class Exchange:
         self._info = None
 
     def head_sent(self) -> None:
-        """A stream's head has gone out, so no retry, fallback or error answer can follow:
-        let go of what only they need for the stream's life, the request's bytes and parse
-        (a chat history can be tens of KB per stream) and the answer's own headers."""
+        """The answer has begun (``respond()`` is called; Sanic sends the head with its
+        first piece), so no retry, fallback or error answer can follow: let go, for the
+        stream's life, of what only they need: the request's bytes and parse (a chat
+        history can be tens of KB per stream) and the gateway's own answer headers (the
+        response has its copy)."""
         self.streaming = True
         self.body = b""
         self.payload = {}
