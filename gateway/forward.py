@@ -28,6 +28,7 @@ from gateway.rename import ModelRenamer
 from gateway.types import ReadOnlyJSON, RequestInfo, RetrySettings, UpstreamOutcome
 from gateway.upstream import (
     CREDENTIAL_HEADERS,
+    NOTHING_NAMED,
     UpstreamFailure,
     UpstreamResponse,
     forward_request_headers,
@@ -79,7 +80,7 @@ class RawResponse(HTTPResponse):
         if not self.body:  # a stream (a whole answer is done with them anyway)
             self.headers = Header()
             self.upstream_headers = ()
-            self.dropped = frozenset()
+            self.dropped = NOTHING_NAMED
 
 
 @dataclass(eq=False, slots=True)

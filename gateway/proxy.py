@@ -178,11 +178,11 @@ class Gateway:
         return _stamped(refusal[0], first), refusal[1]
 
     @staticmethod
-    def _rewrite_for(rt: ModelRuntime, ex: Exchange) -> None:
-        """The body as ``rt``'s server must get it (its model name, the usage a token
-        limit needs), and the renamer for its answer. Apart from ``_serve`` so that no
-        frame but the exchange's holds the payload while a stream runs (it drops it)."""
-        payload = ex.payload
+    def _rewrite_for_runtime(ex: Exchange) -> None:
+        """The body as the serving model's server must get it (its model name, the usage
+        a token limit needs), and the renamer for its answer. Apart from ``_serve`` so that
+        no frame but the exchange's holds the payload while a stream runs (it drops it)."""
+        rt, payload = ex.runtime, ex.payload
         upstream_name = rt.served_model_name or rt.name
         changes: dict[str, Any] = {}
         if payload.get("model") != upstream_name:  # an alias, a served name, a fallback
@@ -209,7 +209,7 @@ class Gateway:
             rejected = await self._admit(ex.info(), rt)
             if rejected is not None:
                 return rejected, rejected.status
-        self._rewrite_for(rt, ex)
+        self._rewrite_for_runtime(ex)
         ex.task = asyncio.current_task()
         self.active.add(ex)
         tenant = ex.tenant

@@ -26,7 +26,7 @@ HOP_BY_HOP = frozenset({
     "trailers", "transfer-encoding", "upgrade", "host", "content-length", "expect",
     "proxy-connection",
 })
-NOTHING_NAMED: frozenset[str] = frozenset()
+NOTHING_NAMED: frozenset[str] = frozenset()  # what a Connection header usually adds to those
 # Kinds where the request provably did not reach the server: safe to send again.
 NOT_SENT: frozenset[str] = frozenset({"connect", "dns", "connect_timeout", "pool_timeout"})
 # vLLM closes idle keep-alive connections after 5 s; reusing one it is closing would turn
@@ -124,8 +124,7 @@ class UpstreamResponse:
 
     def connection_named(self) -> frozenset[str]:
         """Headers the answer's own Connection header makes hop-by-hop (RFC 9110 7.6.1)."""
-        named = _connection_named(self._resp.headers.getall("Connection", ()))
-        return named if named - HOP_BY_HOP else NOTHING_NAMED  # "keep-alive": held by none
+        return _connection_named(self._resp.headers.getall("Connection", ()))
 
     async def read(self) -> bytes:
         try:
@@ -213,10 +212,11 @@ class UpstreamPool:
     async def request(self, method: str, base: str, path: str, *, content: bytes,
                       headers: dict[str, str], query: str = "") -> UpstreamResponse:
         """Send one request to ``base + path`` exactly as given (no re-normalisation)."""
+        text = base + path
         if query:
-            url = URL(f"{base}{path}?{query}", encoded=True)
+            url = URL(f"{text}?{query}", encoded=True)
         else:
-            url = self._urls.get(base + path) or self._url(base + path)
+            url = self._urls.get(text) or self._url(text)
         pool_was_full = self.connections_in_use >= self.size
         try:
             resp = await self._session.request(
@@ -254,7 +254,7 @@ def forward_request_headers(headers: Any) -> dict[str, str]:
     credentials (the model's own key is sent instead). Repeats are joined."""
     connection = headers.getall("connection", ()) if hasattr(headers, "getall") \
         else [headers.get("connection", "")]
-    named = _connection_named(connection) if connection else NOTHING_NAMED
+    named = _connection_named(connection)
     out: dict[str, str] = {}
     for k, v in headers.items():
         lk = k.lower()
@@ -280,7 +280,12 @@ def passed_headers(raw: Iterable[tuple[bytes, bytes]], dropped: frozenset[str],
 
 
 def _connection_named(values: Iterable[str]) -> frozenset[str]:
-    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+    """The headers Connection values name, beyond the hop-by-hop ones (which go anyway):
+    usually none ("keep-alive"), and then one shared empty set, not one per request."""
+    if not values:
+        return NOTHING_NAMED
+    named = frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+    return named if named - HOP_BY_HOP else NOTHING_NAMED
 
 
 def bad_header_value(headers: Any) -> str | None:
