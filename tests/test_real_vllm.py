@@ -144,10 +144,8 @@ def emb_started(gw):
         with OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0, timeout=240) as c:
             r = c.embeddings.create(model="emb", input=["hello", "world wide"])
         return r, owned_pids(gw.proc.pid, "emb")
-    pool = ThreadPoolExecutor(1)
-    future = pool.submit(embed)
-    yield future
-    pool.shutdown(wait=True)
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(embed)
 
 
 @pytest.fixture(scope="module")
