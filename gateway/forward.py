@@ -73,14 +73,16 @@ class RawResponse(HTTPResponse):
         own = self.headers
         if self.content_type is not None:
             own.setdefault("content-type", self.content_type)
-        yield from passed_headers(self.upstream_headers, self.dropped, own)
-        for k, v in own.items():
-            yield k.encode("ascii", "replace"), \
-                (v if type(v) is str else str(v)).encode(errors="surrogateescape")
+        # One list, built at once: a generator here was resumed once per header.
+        out = passed_headers(self.upstream_headers, self.dropped, own)
+        out += [(k.encode("ascii", "replace"),
+                 (v if type(v) is str else str(v)).encode(errors="surrogateescape"))
+                for k, v in own.items()]
         if not self.body:  # a stream (a whole answer is done with them anyway)
             self.headers = Header()
             self.upstream_headers = ()
             self.dropped = NOTHING_NAMED
+        return out
 
 
 @dataclass(eq=False, slots=True)
@@ -195,7 +197,8 @@ class Forwarder:
         restarted = False
         while True:
             attempt += 1
-            await self.fleet.ensure_ready(rt)
+            if rt.state != "ready" or rt.transition is not None:  # ensure_ready's own test
+                await self.fleet.ensure_ready(rt)
             url = self.pick_url(ex)
             try:
                 return await self._attempt(ex, url, headers, attempt)

@@ -131,7 +131,11 @@ class Gateway:
                     "gen_ai.request.model": intake.model, "http.request.method": request.method,
                     "url.path": intake.path, "gen_ai.system": "vllm",
                     "gateway.request_id": rid, "gateway.key": key_label}):
-                response, status = await self._serve_or_fall_back(ex)
+                if rt.cfg.fallbacks:
+                    response, status = await self._serve_or_fall_back(ex)
+                else:  # the usual case, without the fallback layer's coroutine
+                    response, status = await self._serve(ex)
+                    response = _stamped(response, rt)
                 self.tracing.set_attributes({"http.response.status_code": status})
                 return response
         except asyncio.CancelledError:  # the client went away (Sanic cancels the handler)

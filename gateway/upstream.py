@@ -11,7 +11,7 @@ oversized headers, becomes one ``UpstreamFailure`` with a bounded ``kind``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
@@ -269,14 +269,16 @@ NOT_PASSED = HOP_BY_HOP | {"content-type"}
 
 
 def passed_headers(raw: Iterable[tuple[bytes, bytes]], dropped: frozenset[str],
-                   own: Any) -> Iterator[tuple[bytes, bytes]]:
+                   own: Any) -> list[tuple[bytes, bytes]]:
     """An answer's headers for the client, as received: hop-by-hop ones (and those its
     Connection header names, ``dropped``) are left out, and so is any the gateway sets
     itself (``own``, a case-insensitive mapping): the gateway's win."""
+    out = []
     for name, value in raw:
         key = name.decode("latin-1").lower()
         if key not in NOT_PASSED and key not in dropped and key not in own:
-            yield name, value
+            out.append((name, value))
+    return out
 
 
 def _connection_named(values: Iterable[str]) -> frozenset[str]:
